@@ -1,0 +1,188 @@
+"""``budgetkd prepare``: corpus → tokenizer → packed, memory-mapped training data.
+
+Output directory layout::
+
+    DATA_DIR/meta.json       counts, seq_len, dtype, special ids, input fingerprint
+    DATA_DIR/train.bin       [num_train_sequences, seq_len] token ids (NumPy .npy format,
+                             opened with ``np.load(..., mmap_mode="r")``)
+    DATA_DIR/valid.bin       [num_valid_sequences, seq_len], the held-out split
+    DATA_DIR/tokenizer/      the tokenizer, saved with ``save_pretrained``
+
+The directory is written under a temporary name and renamed into place, so an interrupted
+``prepare`` never leaves a half-written dataset. Re-running with the same inputs and options
+finds the same fingerprint and reuses the result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from budgetkd.data.corpus import Source, iter_documents, resolve_sources, training_text_iterator
+from budgetkd.data.packing import pack_stream, split_validation
+from budgetkd.data.tokenizer import load_tokenizer, train_wordpiece
+from budgetkd.errors import BudgetKDError
+from budgetkd.io import atomic_write_json, read_json, replace_dir, sha256_file, sha256_json
+
+FORMAT_VERSION = 1
+_ENCODE_BATCH_LINES = 2048
+
+
+def _tokenizer_fingerprint(tokenizer_spec: str | None, train_vocab: int | None) -> str:
+    if train_vocab is not None:
+        return f"train-wordpiece:{train_vocab}"
+    path = Path(str(tokenizer_spec))
+    if path.is_file():
+        return "file:" + sha256_file(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return "dir:" + sha256_json({p.name: sha256_file(p) for p in files})
+    return "hub:" + str(tokenizer_spec)
+
+
+def dataset_fingerprint(
+    sources: list[Source],
+    tokenizer_spec: str | None,
+    train_vocab: int | None,
+    seq_len: int,
+    fraction: float,
+    seed: int,
+) -> str:
+    return sha256_json(
+        {
+            "format": FORMAT_VERSION,
+            "inputs": [(s.kind, s.fingerprint) for s in sources],
+            "tokenizer": _tokenizer_fingerprint(tokenizer_spec, train_vocab),
+            "seq_len": seq_len,
+            "validation_fraction": fraction,
+            "seed": seed,
+        }
+    )
+
+
+def _encode_documents(tokenizer, sources: list[Source], progress: bool) -> list[np.ndarray]:
+    """Tokenize every document (lines encoded in large batches by the Rust tokenizer)."""
+    documents: list[np.ndarray] = []
+    pending_lines: list[str] = []
+    pending_doc_sizes: list[int] = []
+
+    def flush() -> None:
+        if not pending_lines:
+            return
+        encoded = tokenizer(pending_lines, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        start = 0
+        for size in pending_doc_sizes:
+            ids = [token for line in encoded[start : start + size] for token in line]
+            documents.append(np.asarray(ids, dtype=np.int64))
+            start += size
+        pending_lines.clear()
+        pending_doc_sizes.clear()
+
+    bar = tqdm(desc="tokenizing documents", unit="doc", disable=not progress)
+    for doc in iter_documents(sources):
+        pending_lines.extend(doc)
+        pending_doc_sizes.append(len(doc))
+        bar.update(1)
+        if len(pending_lines) >= _ENCODE_BATCH_LINES:
+            flush()
+    flush()
+    bar.close()
+    return documents
+
+
+def prepare_dataset(
+    inputs: list[str],
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    train_tokenizer: int | None = None,
+    seq_len: int = 128,
+    validation_fraction: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Build (or reuse) a packed dataset in ``out_dir``; return its ``meta.json`` content."""
+    if (tokenizer is None) == (train_tokenizer is None):
+        raise BudgetKDError("give exactly one of --tokenizer PATH_OR_HUB_ID and --train-tokenizer VOCAB_SIZE")
+    if not 8 <= seq_len <= 8192:
+        raise BudgetKDError(f"--seq-len {seq_len} is out of range (8..8192)")
+    if not 0.0 <= validation_fraction < 0.5:
+        raise BudgetKDError(f"--validation-fraction {validation_fraction} must lie in [0, 0.5)")
+    out_dir = Path(out_dir)
+    sources = resolve_sources(inputs)
+    fingerprint = dataset_fingerprint(sources, tokenizer, train_tokenizer, seq_len, validation_fraction, seed)
+
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists():
+        meta = read_json(meta_path, "dataset metadata")
+        if meta.get("fingerprint") == fingerprint and (out_dir / "train.bin").exists():
+            return meta
+        raise BudgetKDError(
+            f"{out_dir} already holds a prepared dataset from other inputs or options; choose another --out"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise BudgetKDError(f"{out_dir} exists and is not a budgetkd dataset; choose an empty or new --out")
+
+    started = time.perf_counter()
+    if train_tokenizer is not None:
+        tok = train_wordpiece(training_text_iterator(sources), train_tokenizer)
+    else:
+        tok = load_tokenizer(tokenizer)
+    documents = _encode_documents(tok, sources, progress)
+    if not documents or sum(len(d) for d in documents) == 0:
+        raise BudgetKDError(f"the corpus is empty: no text found in {', '.join(inputs)}")
+    train_docs, valid_docs = split_validation(documents, validation_fraction, seed)
+    ids = {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id}
+    train = pack_stream(train_docs, seq_len, ids["cls"], ids["sep"], ids["pad"])
+    valid = pack_stream(valid_docs, seq_len, ids["cls"], ids["sep"], ids["pad"])
+    if len(train) == 0:
+        raise BudgetKDError("the corpus is too small: no training sequence left after holding out validation")
+
+    vocab_size = len(tok)
+    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for name, array in (("train", train), ("valid", valid)):
+            mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=array.shape)
+            mm[:] = array.astype(dtype)
+            mm.flush()
+            del mm
+            os.replace(tmp / f"{name}.npy", tmp / f"{name}.bin")
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "inputs": [s.name for s in sources],
+            "tokenizer": tokenizer if tokenizer is not None else f"trained WordPiece ({train_tokenizer})",
+            "vocab_size": vocab_size,
+            "seq_len": seq_len,
+            "dtype": np.dtype(dtype).name,
+            "special_ids": {**ids, "mask": tok.mask_token_id, "all": sorted(set(tok.all_special_ids))},
+            "validation_fraction": validation_fraction,
+            "seed": seed,
+            "num_documents": len(documents),
+            "num_train_documents": len(train_docs),
+            "num_valid_documents": len(valid_docs),
+            "num_train_sequences": int(len(train)),
+            "num_valid_sequences": int(len(valid)),
+            "num_train_tokens": int((train != ids["pad"]).sum()),
+            "num_valid_tokens": int((valid != ids["pad"]).sum()),
+            "num_document_tokens": int(sum(len(d) for d in documents)),
+            "prepare_seconds": round(time.perf_counter() - started, 2),
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

@@ -1,0 +1,364 @@
+"""BERT students and teachers: presets, creation, loading, internals capture, sparse MLM, export.
+
+Everything here is a plain Hugging Face ``BertForMaskedLM`` (or ``BertModel`` for encoder-only
+teachers); budgetkd adds no layers to the model, so what it exports loads in plain transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from budgetkd.errors import BudgetKDError
+from budgetkd.io import read_yaml
+
+# name → (layers, hidden, heads, intermediate)
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "bert-tiny": (2, 128, 2, 512),
+    "bert-mini": (4, 256, 4, 1024),
+    "bert-small": (4, 512, 8, 2048),
+    "bert-medium": (8, 512, 8, 2048),
+    "bert-6l-768": (6, 768, 12, 3072),  # the paper's student (BERT₆)
+    "bert-12l-768": (12, 768, 12, 3072),  # BERT-base shape, the paper's 12-layer student
+    "bert-12l-1024": (12, 1024, 16, 4096),
+}
+_ARCH_KEYS = {"layers", "hidden", "heads", "intermediate"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    name: str = "custom"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "intermediate": self.intermediate,
+        }
+
+
+def resolve_architecture(spec: str | dict) -> Architecture:
+    """A preset name, a YAML/JSON file, or a dict with layers, hidden, heads[, intermediate]."""
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            return Architecture(*PRESETS[spec], name=spec)
+        if spec.lstrip().startswith("{"):  # an inline YAML/JSON mapping
+            import yaml
+
+            try:
+                return resolve_architecture(yaml.safe_load(spec))
+            except yaml.YAMLError:
+                raise BudgetKDError(
+                    f"student architecture {spec!r} is not a valid YAML/JSON mapping"
+                ) from None
+        path = Path(spec)
+        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+            data = read_yaml(path, "student architecture file")
+            if not isinstance(data, dict):
+                raise BudgetKDError(
+                    f"student architecture file {path} must hold a mapping (layers, hidden, heads)"
+                )
+            arch = resolve_architecture(data)
+            return Architecture(arch.layers, arch.hidden, arch.heads, arch.intermediate, name=path.stem)
+        raise BudgetKDError(
+            f"unknown student preset {spec!r}; known presets: {', '.join(PRESETS)} (or a YAML file)"
+        )
+    if not isinstance(spec, dict):
+        raise BudgetKDError(
+            f"student architecture must be a preset name or a mapping, got {type(spec).__name__}"
+        )
+    unknown = set(spec) - _ARCH_KEYS - {"name"}
+    if unknown:
+        raise BudgetKDError(
+            f"unknown student architecture key {sorted(unknown)[0]!r}; expected {sorted(_ARCH_KEYS)}"
+        )
+    missing = {"layers", "hidden", "heads"} - set(spec)
+    if missing:
+        raise BudgetKDError(f"student architecture lacks {sorted(missing)[0]!r}")
+    values = {}
+    for key in ("layers", "hidden", "heads", "intermediate"):
+        if key in spec:
+            value = spec[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise BudgetKDError(f"student architecture {key!r} must be a positive integer, got {value!r}")
+            values[key] = value
+    if values["hidden"] % values["heads"]:
+        raise BudgetKDError(
+            f"student hidden size {values['hidden']} is not divisible by {values['heads']} heads"
+        )
+    return Architecture(
+        values["layers"],
+        values["hidden"],
+        values["heads"],
+        values.get("intermediate", 4 * values["hidden"]),
+        name=str(spec.get("name", "custom")),
+    )
+
+
+def student_config(arch: Architecture, vocab_size: int, seq_len: int, special_ids: dict):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        intermediate_size=arch.intermediate,
+        max_position_embeddings=max(512, seq_len),
+        type_vocab_size=2,
+        pad_token_id=int(special_ids.get("pad", 0)),
+        attn_implementation="sdpa",
+    )
+
+
+def create_student(arch: Architecture, vocab_size: int, seq_len: int, special_ids: dict, seed: int):
+    """A freshly initialised ``BertForMaskedLM``; same seed ⇒ bit-identical weights (SPEC §4)."""
+    from transformers import BertForMaskedLM
+
+    config = student_config(arch, vocab_size, seq_len, special_ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForMaskedLM(config)
+    return model
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(str(tuple(data.shape)).encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class Teacher:
+    model: nn.Module  # BertForMaskedLM or BertModel, eval mode, frozen
+    has_mlm_head: bool
+    source: str
+    config: object = field(repr=False, default=None)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.bert if self.has_mlm_head else self.model
+
+
+def _checkpoint_tensor_names(path: Path) -> set[str] | None:
+    """Names of the tensors in a local checkpoint directory (None if it cannot be inspected)."""
+    names: set[str] = set()
+    index_files = list(path.glob("*.index.json"))
+    for index in index_files:
+        names |= set(json.loads(index.read_text())["weight_map"])
+    if names:
+        return names
+    safetensors_files = list(path.glob("*.safetensors"))
+    if safetensors_files:
+        from safetensors import safe_open
+
+        for file in safetensors_files:
+            with safe_open(str(file), framework="pt") as handle:
+                names |= set(handle.keys())
+        return names
+    return None
+
+
+def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teacher:
+    """Load any HF BERT checkpoint as a frozen, eval-mode teacher.
+
+    A ``BertForMaskedLM`` checkpoint keeps its MLM head (logits available); an encoder-only
+    ``BertModel`` checkpoint is loaded as such and strategies that need logits refuse it.
+    """
+    from transformers import AutoConfig, BertForMaskedLM, BertModel
+
+    path = Path(name_or_path)
+    if path.exists() and not path.is_dir():
+        raise BudgetKDError(f"teacher {name_or_path} is a file; give a model directory or a hub id")
+    if path.is_dir():
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        if (path / "model" / "config.json").exists() and not has_weights:
+            path = path / "model"  # a budgetkd run directory
+        if not (path / "config.json").exists():
+            raise BudgetKDError(f"teacher directory {path} has no config.json")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise BudgetKDError(f"teacher directory {path} holds no weights (*.safetensors or *.bin)")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BudgetKDError(f"cannot load teacher {name_or_path}: {first[:200]}") from None
+    if config.model_type != "bert":
+        raise BudgetKDError(
+            f"teacher {name_or_path} is a {config.model_type!r} model; a BERT checkpoint is needed"
+        )
+    names = _checkpoint_tensor_names(path) if path.is_dir() else None
+    architectures = set(config.architectures or [])
+    if names is not None:
+        has_head = any(n.startswith("cls.predictions") for n in names)
+    else:
+        has_head = bool(architectures & {"BertForMaskedLM", "BertForPreTraining"}) or not architectures
+    try:
+        if has_head:
+            model = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+        else:
+            model = BertModel.from_pretrained(str(path), attn_implementation="sdpa", add_pooling_layer=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BudgetKDError(f"cannot load teacher {name_or_path}: {first[:200]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device)
+    return Teacher(model=model, has_mlm_head=has_head, source=str(name_or_path), config=model.config)
+
+
+def check_vocabulary(teacher: Teacher, tokenizer, teacher_source: str) -> None:
+    """Refuse a teacher whose vocabulary differs from the data's tokenizer."""
+    vocab_size = len(tokenizer)
+    if teacher.config.vocab_size != vocab_size:
+        raise BudgetKDError(
+            f"vocabulary mismatch: teacher {teacher_source} has {teacher.config.vocab_size} tokens, "
+            f"the data's tokenizer {vocab_size}; prepare the data with --tokenizer {teacher_source}"
+        )
+    path = Path(teacher_source)
+    if path.is_dir():
+        for candidate in (path, path / "model"):
+            if (candidate / "vocab.txt").exists() or (candidate / "tokenizer.json").exists():
+                from budgetkd.data.tokenizer import load_tokenizer
+
+                if load_tokenizer(candidate).get_vocab() != tokenizer.get_vocab():
+                    raise BudgetKDError(
+                        f"vocabulary mismatch: teacher {teacher_source} uses a different tokenizer than the data; "
+                        f"prepare the data with --tokenizer {candidate}"
+                    )
+                break
+
+
+# ---------------------------------------------------------------------------------------------
+# Internals capture
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to record during a forward pass: the embedding output and, per layer index, any of
+    ``q``, ``k``, ``v`` (the raw projection outputs [B, L, D]) and ``hidden`` (the layer output)."""
+
+    embeddings: bool = False
+    layers: dict[int, frozenset[str]] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not self.embeddings and not self.layers
+
+
+class Capture:
+    """Forward hooks that record the tensors named by a :class:`CaptureSpec`.
+
+    Hooks sit on the query/key/value ``nn.Linear`` modules and on the layer outputs of the mapped
+    layers only, so every layer keeps the fused SDPA attention path and no attention
+    probabilities are ever requested from the library. Results are in ``capture.values``, keyed
+    ``"embeddings"`` or ``(kind, layer)``.
+    """
+
+    def __init__(self, encoder: nn.Module, spec: CaptureSpec):
+        self.values: dict = {}
+        self._handles = []
+        if spec.embeddings:
+            self._hook(encoder.embeddings, "embeddings")
+        layers = encoder.encoder.layer
+        for index, kinds in spec.layers.items():
+            layer = layers[index]
+            attention = layer.attention.self
+            for kind, module in (("q", attention.query), ("k", attention.key), ("v", attention.value)):
+                if kind in kinds:
+                    self._hook(module, (kind, index))
+            if "hidden" in kinds:
+                self._hook(layer, ("hidden", index))
+
+    def _hook(self, module: nn.Module, key) -> None:
+        def hook(_module, _inputs, output):
+            self.values[key] = output[0] if isinstance(output, tuple) else output
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def clear(self) -> None:
+        self.values = {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def check_layer(index: int, num_layers: int, who: str) -> int:
+    """Normalise a (possibly negative) layer index, refusing one outside the model."""
+    resolved = index + num_layers if index < 0 else index
+    if not 0 <= resolved < num_layers:
+        raise BudgetKDError(f"layer map refers to {who} layer {index}, but the {who} has {num_layers} layers")
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse MLM head
+# ---------------------------------------------------------------------------------------------
+
+
+def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions with a label (≠ −100), in row-major order."""
+    return (labels.reshape(-1) != -100).nonzero().squeeze(1)
+
+
+def sparse_mlm_logits(mlm_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The MLM head applied only at ``positions`` of ``hidden`` [B, L, D] → logits [P, V].
+
+    Same values as the dense head at those rows, at P/(B·L) of the head's cost (SPEC §2).
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return mlm_model.cls(flat)
+
+
+def encode(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, L, D] of a ``BertModel``."""
+    return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+
+@contextmanager
+def eval_mode(modules: Iterable[nn.Module]):
+    modules = list(modules)
+    states = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, states):
+            m.train(state)
+
+
+def export_student(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
+    """Write the student with ``save_pretrained`` plus its tokenizer (projections are not part of
+    the model and are therefore never exported)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    from budgetkd.io import replace_dir
+
+    replace_dir(tmp, out_dir)
