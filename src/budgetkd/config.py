@@ -1,0 +1,369 @@
+"""The experiment configuration of ``budgetkd compare`` (YAML), validated up front.
+
+Every unknown key, wrong type or impossible combination is a one-line :class:`BudgetKDError`
+naming the key (``strategies[2].options``, ``budget.calibrate.currency``, …). The result is plain
+data with every default filled in; the resolved form is saved beside the experiment's outputs.
+
+Schema (defaults in brackets)::
+
+    name: str                                   [the file's stem]
+    seed: int                                   [0]   student init, dropout, data order, masks
+    data:
+      inputs: [PATH | hf:NAME[:CONFIG][:SPLIT], …]        (required)
+      tokenizer: teacher | PATH_OR_HUB_ID | {train: VOCAB_SIZE}   [teacher]
+      seq_len: int                              [128]
+      validation_fraction: float                [0.01]
+    teacher:                                    (required unless every strategy is none)
+      path: PATH_OR_HUB_ID                      one of path / pretrain
+      pretrain: {student: ARCH, budget: BUDGET, batch_size: int, lr: float, micro_batch_size: int}
+    student: PRESET | {layers, hidden, heads, intermediate}    (required)
+    strategies: [none | vanilla | … | {name: …, lr: float, options: {…}}, …]   (required)
+    budget:                                     exactly one of calibrate / explicit
+      calibrate: {strategy: none, epochs: float [1], currency: time | flops [time]}
+      explicit: BUDGET                          e.g. 4h, 2.5e15flops
+    data_setting: unlimited | limited           [unlimited]: a KD run never starts a 2nd epoch
+    optimizer:
+      batch_size [1024], micro_batch_size [null], lr_no_kd [1e-3], lr_kd [5e-4], warmup [0.06],
+      weight_decay [0.01], adam_betas [[0.9, 0.98]], adam_eps [1e-6], max_grad_norm [0]
+    training: {num_evals [10], eval_sequences [512], dropout [null], fixed_mask_count [false],
+               device [auto], checkpoint_interval_s [600], on_nonfinite [stop]}
+    glue:
+      dir: PATH | null                          [null → the hub, nyu-mll/glue]
+      tasks: all | [cola, sst2, …]              [all]
+      grid: paper | "lr=…,bs=…"                 [paper]
+      epochs: int [5], seeds: [int] [[1]], max_train_examples: int | null [null],
+      max_eval_examples: int | null [null], save_predictions: bool [true], device [auto]
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from budgetkd.budget import Budget
+from budgetkd.errors import BudgetKDError
+from budgetkd.io import read_yaml
+
+_NUMBER = (int, float)
+
+OPTIMIZER_DEFAULTS = {
+    "batch_size": 1024,
+    "micro_batch_size": None,
+    "lr_no_kd": 1e-3,
+    "lr_kd": 5e-4,
+    "warmup": 0.06,
+    "weight_decay": 0.01,
+    "adam_betas": [0.9, 0.98],
+    "adam_eps": 1e-6,
+    "max_grad_norm": 0.0,
+}
+TRAINING_DEFAULTS = {
+    "num_evals": 10,
+    "eval_sequences": 512,
+    "dropout": None,
+    "fixed_mask_count": False,
+    "device": "auto",
+    "checkpoint_interval_s": 600.0,
+    "on_nonfinite": "stop",
+}
+GLUE_DEFAULTS = {
+    "dir": None,
+    "tasks": "all",
+    "grid": "paper",
+    "epochs": 5,
+    "seeds": [1],
+    "max_train_examples": None,
+    "max_eval_examples": None,
+    "save_predictions": True,
+    "device": "auto",
+}
+DATA_DEFAULTS = {"inputs": None, "tokenizer": "teacher", "seq_len": 128, "validation_fraction": 0.01}
+TOP_KEYS = {
+    "name",
+    "seed",
+    "data",
+    "teacher",
+    "student",
+    "strategies",
+    "budget",
+    "data_setting",
+    "optimizer",
+    "training",
+    "glue",
+}
+
+
+def _type_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(_type_name(k) for k in kind)
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        list: "a list",
+        dict: "a mapping",
+    }.get(kind, kind.__name__)
+
+
+def _check(value: Any, kind, key: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float, _NUMBER))
+    if kind in (float, _NUMBER) and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise BudgetKDError(f"config key {key!r} must be {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _merge(section: Any, defaults: dict, key: str) -> dict:
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise BudgetKDError(f"config key {key!r} must be a mapping, got {section!r}")
+    unknown = set(section) - set(defaults)
+    if unknown:
+        raise BudgetKDError(f"unknown config key {key}.{sorted(unknown)[0]!r} (known: {', '.join(defaults)})")
+    return {**copy.deepcopy(defaults), **section}
+
+
+def load_experiment(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read and validate an experiment YAML; ``overrides`` are merged (dotted keys allowed)."""
+    raw = read_yaml(path, "experiment config")
+    if not isinstance(raw, dict):
+        raise BudgetKDError(f"experiment config {path} must be a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return validate_experiment(raw, default_name=Path(path).stem)
+
+
+def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise BudgetKDError(
+            f"unknown config key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})"
+        )
+    cfg: dict = {
+        "name": _check(raw.get("name", default_name), str, "name"),
+        "seed": _check(raw.get("seed", 0), int, "seed"),
+    }
+
+    # data
+    data = _merge(raw.get("data"), DATA_DEFAULTS, "data")
+    inputs = data["inputs"]
+    if inputs is None:
+        raise BudgetKDError("config key 'data.inputs' is required (corpus files, folders or hf:NAME)")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    _check(inputs, list, "data.inputs")
+    if not inputs:
+        raise BudgetKDError("config key 'data.inputs' must not be empty")
+    for i, item in enumerate(inputs):
+        _check(item, str, f"data.inputs[{i}]")
+    data["inputs"] = inputs
+    tok = data["tokenizer"]
+    if isinstance(tok, dict):
+        if set(tok) != {"train"}:
+            raise BudgetKDError(
+                "config key 'data.tokenizer' as a mapping takes exactly one key, 'train: VOCAB_SIZE'"
+            )
+        _check(tok["train"], int, "data.tokenizer.train")
+    else:
+        _check(tok, str, "data.tokenizer")
+    _check(data["seq_len"], int, "data.seq_len")
+    _check(data["validation_fraction"], float, "data.validation_fraction")
+    cfg["data"] = data
+
+    # student
+    if "student" not in raw:
+        raise BudgetKDError("config key 'student' is required (a preset such as bert-6l-768, or a mapping)")
+    from budgetkd.models import resolve_architecture
+
+    _check(raw["student"], (str, dict), "student")
+    resolve_architecture(raw["student"])
+    cfg["student"] = raw["student"]
+
+    # strategies
+    from budgetkd.strategies import REGISTRY
+
+    strategies = raw.get("strategies")
+    if strategies is None:
+        raise BudgetKDError("config key 'strategies' is required, e.g. [none, vanilla, tinybert, minilm]")
+    _check(strategies, list, "strategies")
+    if not strategies:
+        raise BudgetKDError("config key 'strategies' must not be empty")
+    resolved = []
+    for i, entry in enumerate(strategies):
+        key = f"strategies[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        _check(entry, dict, key)
+        unknown = set(entry) - {"name", "lr", "options", "label"}
+        if unknown:
+            raise BudgetKDError(
+                f"unknown config key {key}.{sorted(unknown)[0]!r} (known: name, lr, options, label)"
+            )
+        name = _check(entry.get("name"), str, f"{key}.name")
+        if name not in REGISTRY:
+            raise BudgetKDError(
+                f"config key '{key}.name': unknown strategy {name!r}; choose one of {', '.join(REGISTRY)}"
+            )
+        options = _check(entry.get("options", {}) or {}, dict, f"{key}.options")
+        allowed = set(REGISTRY[name].defaults)
+        bad = set(options) - allowed
+        if bad:
+            raise BudgetKDError(
+                f"unknown config key {key}.options.{sorted(bad)[0]!r} for strategy {name!r} "
+                f"(known: {', '.join(sorted(allowed)) or 'none'})"
+            )
+        lr = _check(entry.get("lr"), float, f"{key}.lr", optional=True)
+        label = _check(entry.get("label", name), str, f"{key}.label")
+        resolved.append({"name": name, "label": label, "lr": lr, "options": options})
+    labels = [s["label"] for s in resolved]
+    if len(set(labels)) != len(labels):
+        raise BudgetKDError(
+            "config key 'strategies': a strategy appears twice; give repeated ones distinct 'label's"
+        )
+    cfg["strategies"] = resolved
+    needs_teacher = any(REGISTRY[s["name"]].needs_teacher for s in resolved)
+
+    # teacher
+    teacher = raw.get("teacher")
+    if teacher is None:
+        if needs_teacher:
+            raise BudgetKDError(
+                "config key 'teacher' is required by the KD strategies (path: … or pretrain: …)"
+            )
+        cfg["teacher"] = None
+    else:
+        _check(teacher, dict, "teacher")
+        unknown = set(teacher) - {"path", "pretrain"}
+        if unknown:
+            raise BudgetKDError(f"unknown config key teacher.{sorted(unknown)[0]!r} (known: path, pretrain)")
+        if ("path" in teacher) == ("pretrain" in teacher):
+            raise BudgetKDError("config key 'teacher' needs exactly one of 'path' and 'pretrain'")
+        if "path" in teacher:
+            cfg["teacher"] = {"path": _check(teacher["path"], str, "teacher.path")}
+        else:
+            block = _merge(
+                teacher["pretrain"],
+                {"student": None, "budget": None, "batch_size": None, "micro_batch_size": None, "lr": 1e-3},
+                "teacher.pretrain",
+            )
+            if block["student"] is None or block["budget"] is None:
+                raise BudgetKDError("config key 'teacher.pretrain' needs 'student' and 'budget'")
+            resolve_architecture(block["student"])
+            Budget.parse(str(block["budget"]))
+            _check(block["batch_size"], int, "teacher.pretrain.batch_size", optional=True)
+            _check(block["micro_batch_size"], int, "teacher.pretrain.micro_batch_size", optional=True)
+            _check(block["lr"], float, "teacher.pretrain.lr")
+            cfg["teacher"] = {"pretrain": block}
+    if tok == "teacher" and cfg["teacher"] is None:
+        raise BudgetKDError(
+            "config key 'data.tokenizer' is 'teacher' but there is no teacher; give a path or {train: N}"
+        )
+    if tok == "teacher" and "pretrain" in (cfg["teacher"] or {}):
+        raise BudgetKDError(
+            "config key 'data.tokenizer': a teacher trained by budgetkd uses the data's tokenizer; "
+            "set data.tokenizer to a path/hub id or {train: VOCAB_SIZE}"
+        )
+
+    # budget
+    budget = raw.get("budget")
+    _check(budget, dict, "budget")
+    unknown = set(budget) - {"calibrate", "explicit"}
+    if unknown:
+        raise BudgetKDError(f"unknown config key budget.{sorted(unknown)[0]!r} (known: calibrate, explicit)")
+    if ("calibrate" in budget) == ("explicit" in budget):
+        raise BudgetKDError("config key 'budget' needs exactly one of 'calibrate' and 'explicit'")
+    if "calibrate" in budget:
+        cal = _merge(
+            budget["calibrate"], {"strategy": "none", "epochs": 1.0, "currency": "time"}, "budget.calibrate"
+        )
+        if cal["strategy"] not in REGISTRY:
+            raise BudgetKDError(
+                f"config key 'budget.calibrate.strategy': unknown strategy {cal['strategy']!r}"
+            )
+        if REGISTRY[cal["strategy"]].needs_teacher:
+            raise BudgetKDError(
+                "config key 'budget.calibrate.strategy' must be a strategy without teacher (none)"
+            )
+        _check(cal["epochs"], float, "budget.calibrate.epochs")
+        if cal["epochs"] <= 0:
+            raise BudgetKDError("config key 'budget.calibrate.epochs' must be positive")
+        if cal["currency"] not in ("time", "flops"):
+            raise BudgetKDError(
+                f"config key 'budget.calibrate.currency' must be time or flops, got {cal['currency']!r}"
+            )
+        cfg["budget"] = {"calibrate": cal}
+    else:
+        explicit = budget["explicit"]
+        Budget.parse(str(explicit))
+        cfg["budget"] = {"explicit": str(explicit)}
+
+    setting = raw.get("data_setting", "unlimited")
+    if setting not in ("unlimited", "limited"):
+        raise BudgetKDError(f"config key 'data_setting' must be unlimited or limited, got {setting!r}")
+    cfg["data_setting"] = setting
+    if setting == "unlimited" and "calibrate" in cfg["budget"] and cfg["budget"]["calibrate"]["epochs"] > 1:
+        raise BudgetKDError(
+            "config key 'budget.calibrate.epochs' > 1 repeats the data: set data_setting: limited"
+        )
+
+    opt = _merge(raw.get("optimizer"), OPTIMIZER_DEFAULTS, "optimizer")
+    _check(opt["batch_size"], int, "optimizer.batch_size")
+    _check(opt["micro_batch_size"], int, "optimizer.micro_batch_size", optional=True)
+    for key in ("lr_no_kd", "lr_kd", "warmup", "weight_decay", "adam_eps", "max_grad_norm"):
+        _check(opt[key], float, f"optimizer.{key}")
+    _check(opt["adam_betas"], list, "optimizer.adam_betas")
+    if len(opt["adam_betas"]) != 2:
+        raise BudgetKDError("config key 'optimizer.adam_betas' must be a list of two numbers")
+    if opt["batch_size"] <= 0:
+        raise BudgetKDError("config key 'optimizer.batch_size' must be positive")
+    if opt["micro_batch_size"] is not None and not 0 < opt["micro_batch_size"] <= opt["batch_size"]:
+        raise BudgetKDError("config key 'optimizer.micro_batch_size' must lie in 1..batch_size")
+    cfg["optimizer"] = opt
+
+    training = _merge(raw.get("training"), TRAINING_DEFAULTS, "training")
+    _check(training["num_evals"], int, "training.num_evals")
+    _check(training["eval_sequences"], int, "training.eval_sequences")
+    _check(training["dropout"], float, "training.dropout", optional=True)
+    _check(training["fixed_mask_count"], bool, "training.fixed_mask_count")
+    _check(training["device"], str, "training.device")
+    _check(training["checkpoint_interval_s"], float, "training.checkpoint_interval_s")
+    if training["on_nonfinite"] not in ("stop", "skip"):
+        raise BudgetKDError("config key 'training.on_nonfinite' must be stop or skip")
+    cfg["training"] = training
+
+    glue = _merge(raw.get("glue"), GLUE_DEFAULTS, "glue")
+    _check(glue["dir"], str, "glue.dir", optional=True)
+    if isinstance(glue["tasks"], list):
+        for i, task in enumerate(glue["tasks"]):
+            _check(task, str, f"glue.tasks[{i}]")
+    else:
+        _check(glue["tasks"], str, "glue.tasks")
+    _check(glue["grid"], str, "glue.grid")
+    _check(glue["epochs"], int, "glue.epochs")
+    seeds = glue["seeds"]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    _check(seeds, list, "glue.seeds")
+    for i, seed in enumerate(seeds):
+        _check(seed, int, f"glue.seeds[{i}]")
+    glue["seeds"] = seeds
+    _check(glue["max_train_examples"], int, "glue.max_train_examples", optional=True)
+    _check(glue["max_eval_examples"], int, "glue.max_eval_examples", optional=True)
+    _check(glue["save_predictions"], bool, "glue.save_predictions")
+    from budgetkd.glue.search import parse_grid
+    from budgetkd.glue.tasks import parse_tasks
+
+    parse_grid(glue["grid"])
+    parse_tasks(glue["tasks"])
+    cfg["glue"] = glue
+    return cfg

@@ -1,0 +1,447 @@
+"""``budgetkd compare CONFIG --out DIR``: the study's experiment as resumable stages (SPEC §3, §4).
+
+Stages, in order (each records completion in ``DIR/state.json``)::
+
+    data               corpus → DIR/data (budgetkd prepare)
+    teacher            the given checkpoint (checked), or DIR/teacher pretrained by budgetkd
+    calibrate          No-KD for the calibration epochs → DIR/runs/<label>; its charged time
+                       (or FLOPs) becomes the budget of every other strategy
+    pretrain:<label>   every other strategy at that budget → DIR/runs/<label>
+    glue:<label>       GLUE for every student → DIR/glue/<label>
+    report             DIR/table.{md,csv,tex}, DIR/budget.md, DIR/plots/*.png
+
+Re-running the command resumes: a finished stage is never redone; a killed pretraining stage
+continues from its checkpoint; a killed GLUE stage keeps its finished configurations. Each stage
+stores a fingerprint of the configuration it depends on (and of its upstream stages); changing it
+for a finished stage is refused unless ``--force STAGE`` (which also redoes everything downstream).
+
+Fairness (SPEC §4) is enforced, not promised: every student must start from bit-identical weights
+(same init fingerprint), see the same data (same data fingerprint and data-order seed) with the
+same optimizer and schedule shape; ``DIR/fairness.json`` records the checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from budgetkd import distributed as dist_utils
+from budgetkd.config import load_experiment
+from budgetkd.errors import BudgetKDError
+from budgetkd.io import DirectoryLock, atomic_write_json, read_json, sha256_json
+
+STATE_VERSION = 1
+
+
+class StageBook:
+    """``DIR/state.json``: which stages finished, with what configuration fingerprint and result."""
+
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.state = (
+            read_json(self.path, "experiment state") if self.path.exists() else {"version": STATE_VERSION}
+        )
+        self.state.setdefault("stages", {})
+
+    def done(self, stage: str, fingerprint: str, forced: set[str]) -> dict | None:
+        entry = self.state["stages"].get(stage)
+        if entry is None:
+            return None
+        if stage in forced:
+            return None
+        if entry["fingerprint"] != fingerprint:
+            raise BudgetKDError(
+                f"the configuration of finished stage {stage!r} changed; revert it, use another --out, "
+                f"or pass --force {stage} to redo it (and what depends on it)"
+            )
+        return entry["result"]
+
+    def finish(self, stage: str, fingerprint: str, result: dict) -> None:
+        self.state["stages"][stage] = {
+            "fingerprint": fingerprint,
+            "result": result,
+            "finished_at": time.time(),
+        }
+        atomic_write_json(self.path, self.state)
+
+    def forget(self, stage: str) -> None:
+        if self.state["stages"].pop(stage, None) is not None:
+            atomic_write_json(self.path, self.state)
+
+
+class Experiment:
+    def __init__(self, cfg: dict, out: Path, force: list[str] | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.out = out
+        self.progress = progress
+        self.is_main = dist_utils.rank() == 0
+        self.forced = set(force or [])
+        self.labels = [s["label"] for s in cfg["strategies"]]
+        valid = (
+            {"data", "teacher", "calibrate", "report"}
+            | {f"pretrain:{x}" for x in self.labels}
+            | {f"glue:{x}" for x in self.labels}
+        )
+        for stage in self.forced:
+            if stage not in valid and stage not in ("pretrain", "glue", "all"):
+                raise BudgetKDError(
+                    f"--force {stage}: no such stage (stages: {', '.join(sorted(valid))}, pretrain, glue, all)"
+                )
+        self._expand_forced()
+
+    def _expand_forced(self) -> None:
+        """Forcing a stage forces everything downstream of it."""
+        order = ["data", "teacher", "calibrate", "pretrain", "glue", "report"]
+        forced = set(self.forced)
+        if "all" in forced:
+            forced |= set(order)
+        earliest = min(
+            (order.index(s.split(":")[0]) for s in forced if s.split(":")[0] in order), default=None
+        )
+        if earliest is not None:
+            for stage in order[earliest + 1 :]:
+                if stage in ("pretrain", "glue"):
+                    forced |= {f"{stage}:{x}" for x in self.labels}
+                else:
+                    forced.add(stage)
+        for label in self.labels:
+            if f"pretrain:{label}" in forced:
+                forced.add(f"glue:{label}")
+        if "pretrain" in forced:
+            forced |= {f"pretrain:{x}" for x in self.labels}
+        if "glue" in forced:
+            forced |= {f"glue:{x}" for x in self.labels}
+        if "calibrate" in forced:
+            forced |= {f"pretrain:{x}" for x in self.labels} | {f"glue:{x}" for x in self.labels}
+        self.forced = forced
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(f"[compare] {message}", flush=True)
+
+    def _train_config(self, *, strategy: dict, budget: str, out: Path, teacher: str | None, max_epochs):
+        from budgetkd.strategies import REGISTRY
+        from budgetkd.train import TrainConfig
+
+        opt, training = self.cfg["optimizer"], self.cfg["training"]
+        kd = REGISTRY[strategy["name"]].needs_teacher
+        lr = strategy["lr"] if strategy["lr"] is not None else (opt["lr_kd"] if kd else opt["lr_no_kd"])
+        return TrainConfig(
+            data=str(self.out / "data"),
+            out=str(out),
+            student=self.cfg["student"],
+            strategy=strategy["name"],
+            teacher=teacher if kd else None,
+            budget=budget,
+            batch_size=opt["batch_size"],
+            micro_batch_size=opt["micro_batch_size"],
+            lr=lr,
+            warmup=opt["warmup"],
+            weight_decay=opt["weight_decay"],
+            adam_betas=tuple(opt["adam_betas"]),
+            adam_eps=opt["adam_eps"],
+            max_grad_norm=opt["max_grad_norm"],
+            seed=self.cfg["seed"],
+            dropout=training["dropout"],
+            strategy_options=strategy["options"],
+            max_epochs=max_epochs,
+            fixed_mask_count=training["fixed_mask_count"],
+            num_evals=training["num_evals"],
+            eval_sequences=training["eval_sequences"],
+            checkpoint_interval_s=training["checkpoint_interval_s"],
+            on_nonfinite=training["on_nonfinite"],
+            device=training["device"],
+            progress=self.progress,
+        )
+
+    def _pretrain(self, config, stage: str) -> dict:
+        """Run or resume one pretraining run directory; a finished one is read back."""
+        from budgetkd.train import pretrain
+
+        run_dir = Path(config.out)
+        summary_path = run_dir / "summary.json"
+        if stage in self.forced and self.is_main and run_dir.exists():
+            shutil.rmtree(run_dir)
+        dist_utils.barrier()
+        if summary_path.exists():
+            summary = read_json(summary_path, "run summary")
+            if summary.get("finished"):
+                return summary
+        resume = (run_dir / "checkpoint.pt").exists()
+        if resume:
+            self._say(f"{stage}: resuming {run_dir}")
+        return pretrain(config, resume=resume)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        book = StageBook(self.out)
+        if self.is_main:
+            atomic_write_json(self.out / "experiment.json", cfg)
+
+        # data ----------------------------------------------------------------------------------
+        data_cfg = cfg["data"]
+        teacher_cfg = cfg["teacher"]
+        tokenizer = data_cfg["tokenizer"]
+        train_vocab = None
+        if isinstance(tokenizer, dict):
+            train_vocab, tokenizer = tokenizer["train"], None
+        elif tokenizer == "teacher":
+            tokenizer = teacher_cfg["path"]
+        fp_data = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": cfg["seed"]})
+        if book.done("data", fp_data, self.forced) is None:
+            from budgetkd.data import prepare_dataset
+
+            self._say("stage data: preparing the corpus")
+            if self.is_main:
+                if "data" in self.forced and (self.out / "data").exists():
+                    shutil.rmtree(self.out / "data")
+                meta = prepare_dataset(
+                    data_cfg["inputs"],
+                    self.out / "data",
+                    tokenizer=tokenizer,
+                    train_tokenizer=train_vocab,
+                    seq_len=data_cfg["seq_len"],
+                    validation_fraction=data_cfg["validation_fraction"],
+                    seed=cfg["seed"],
+                    progress=self.progress,
+                )
+                book.finish(
+                    "data",
+                    fp_data,
+                    {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
+                )
+            dist_utils.barrier()
+            book = StageBook(self.out)
+
+        # teacher -------------------------------------------------------------------------------
+        teacher_path = None
+        if teacher_cfg is not None:
+            fp_teacher = sha256_json({"teacher": teacher_cfg, "data": fp_data})
+            result = book.done("teacher", fp_teacher, self.forced)
+            if result is None:
+                if "path" in teacher_cfg:
+                    from budgetkd.models import load_teacher
+
+                    self._say(f"stage teacher: checking {teacher_cfg['path']}")
+                    load_teacher(teacher_cfg["path"])
+                    result = {"path": teacher_cfg["path"]}
+                else:
+                    from budgetkd.train import TrainConfig
+
+                    block = teacher_cfg["pretrain"]
+                    self._say(
+                        f"stage teacher: pretraining a {block['student']} teacher for {block['budget']}"
+                    )
+                    opt = cfg["optimizer"]
+                    config = TrainConfig(
+                        data=str(self.out / "data"),
+                        out=str(self.out / "teacher"),
+                        student=block["student"],
+                        strategy="none",
+                        budget=str(block["budget"]),
+                        batch_size=block["batch_size"] or opt["batch_size"],
+                        micro_batch_size=block["micro_batch_size"],
+                        lr=block["lr"],
+                        seed=cfg["seed"] + 1000,
+                        num_evals=cfg["training"]["num_evals"],
+                        eval_sequences=cfg["training"]["eval_sequences"],
+                        device=cfg["training"]["device"],
+                        progress=self.progress,
+                    )
+                    summary = self._pretrain(config, "teacher")
+                    result = {
+                        "path": str(self.out / "teacher" / "model"),
+                        "val_mlm_loss": summary["val_mlm_loss"],
+                    }
+                if self.is_main:
+                    book.finish("teacher", fp_teacher, result)
+            teacher_path = result["path"]
+        else:
+            fp_teacher = "none"
+
+        # calibration ---------------------------------------------------------------------------
+        budget_cfg = cfg["budget"]
+        max_epochs_kd = 1.0 if cfg["data_setting"] == "unlimited" else None
+        by_label = {s["label"]: s for s in cfg["strategies"]}
+        summaries: dict[str, dict] = {}
+        calibration_label = None
+        if "calibrate" in budget_cfg:
+            cal = budget_cfg["calibrate"]
+            calibration_label = next(
+                (s["label"] for s in cfg["strategies"] if s["name"] == cal["strategy"]), None
+            )
+            strategy = (
+                by_label[calibration_label]
+                if calibration_label
+                else {"name": cal["strategy"], "label": cal["strategy"], "lr": None, "options": {}}
+            )
+            label = strategy["label"]
+            config = self._train_config(
+                strategy=strategy,
+                budget=f"{cal['epochs']}epochs",
+                out=self.out / "runs" / label,
+                teacher=None,
+                max_epochs=None,
+            )
+            fp_cal = sha256_json({"train": config.resolved(), "data": fp_data, "calibrate": cal})
+            result = book.done("calibrate", fp_cal, self.forced)
+            if result is None:
+                self._say(
+                    f"stage calibrate: {strategy['name']} for {cal['epochs']:g} epoch(s) sets the budget"
+                )
+                summary = self._pretrain(config, "calibrate")
+                consumed = summary["consumed"]
+                amount = consumed["time_s"] if cal["currency"] == "time" else consumed["flops"]
+                budget = f"{amount!r}s" if cal["currency"] == "time" else f"{amount!r}flops"
+                result = {"budget": budget, "run": str(self.out / "runs" / label), "label": label}
+                if self.is_main:
+                    book.finish("calibrate", fp_cal, result)
+            budget = result["budget"]
+            summaries[result["label"]] = read_json(Path(result["run"]) / "summary.json", "run summary")
+            fp_budget = fp_cal
+            self._say(f"budget: {budget} (calibrated on {cal['epochs']:g} epoch(s) of {cal['strategy']})")
+        else:
+            budget = budget_cfg["explicit"]
+            fp_budget = sha256_json({"explicit": budget})
+
+        # pretraining of every other strategy -----------------------------------------------------
+        for strategy in cfg["strategies"]:
+            label = strategy["label"]
+            if label == calibration_label:
+                continue
+            from budgetkd.strategies import REGISTRY
+
+            kd = REGISTRY[strategy["name"]].needs_teacher
+            config = self._train_config(
+                strategy=strategy,
+                budget=budget,
+                out=self.out / "runs" / label,
+                teacher=teacher_path,
+                max_epochs=max_epochs_kd if kd else None,
+            )
+            stage = f"pretrain:{label}"
+            fp = sha256_json(
+                {"train": config.resolved(), "budget": fp_budget, "teacher": fp_teacher, "data": fp_data}
+            )
+            result = book.done(stage, fp, self.forced)
+            if result is None:
+                self._say(f"stage {stage}: {strategy['name']} for {budget}")
+                summary = self._pretrain(config, stage)
+                result = {"run": str(self.out / "runs" / label)}
+                if self.is_main:
+                    book.finish(stage, fp, result)
+            summaries[label] = read_json(Path(result["run"]) / "summary.json", "run summary")
+
+        fairness = self._check_fairness(summaries)
+        if not self.is_main:
+            return {}
+        # Only rank 0 goes on: GLUE and the report are single-process.
+        dist_utils.destroy()
+
+        # GLUE ----------------------------------------------------------------------------------
+        glue_cfg = cfg["glue"]
+        for label in self.labels:
+            stage = f"glue:{label}"
+            run_dir = self.out / "runs" / label
+            summary = summaries[label]
+            fp = sha256_json(
+                {"glue": glue_cfg, "model": summary["init_fingerprint"], "run": summary["consumed"]}
+            )
+            result = book.done(stage, fp, self.forced)
+            if result is None:
+                from budgetkd.glue import run_glue
+
+                glue_dir = self.out / "glue" / label
+                if stage in self.forced and glue_dir.exists():
+                    shutil.rmtree(glue_dir)
+                self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
+                glue = run_glue(
+                    run_dir / "model",
+                    glue_dir,
+                    glue_dir=glue_cfg["dir"],
+                    hub=glue_cfg["dir"] is None,
+                    tasks=glue_cfg["tasks"],
+                    grid=glue_cfg["grid"],
+                    epochs=glue_cfg["epochs"],
+                    seeds=glue_cfg["seeds"],
+                    max_train_examples=glue_cfg["max_train_examples"],
+                    max_eval_examples=glue_cfg["max_eval_examples"],
+                    save_predictions=glue_cfg["save_predictions"],
+                    device=glue_cfg["device"],
+                    progress=self.progress,
+                )
+                result = {"glue": str(glue_dir / "glue.json"), "average": glue.get("average")}
+                book.finish(stage, fp, result)
+
+        # report --------------------------------------------------------------------------------
+        from budgetkd.report import write_report
+
+        self._say("stage report: writing tables and plots")
+        paths = write_report(self.out)
+        book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
+        atomic_write_json(self.out / "fairness.json", fairness)
+        self._say(f"done: {self.out / 'table.md'}")
+        return {"fairness": fairness, "report": [str(p) for p in paths]}
+
+    def _check_fairness(self, summaries: dict[str, dict]) -> dict:
+        """SPEC §4: identical initial weights, data, data order and schedule shape, or refuse."""
+        checks = {}
+        for key in ("init_fingerprint", "data_fingerprint", "data_seed", "batch_size", "world_size"):
+            values = {label: s.get(key) for label, s in summaries.items()}
+            if len(set(map(str, values.values()))) > 1:
+                raise BudgetKDError(f"fairness violated: {key} differs between strategies ({values})")
+            checks[key] = next(iter(values.values()), None)
+        checks["peak_lr"] = {label: s.get("lr") for label, s in summaries.items()}
+        checks["budget"] = {label: s["budget"]["text"] for label, s in summaries.items()}
+        checks["ok"] = True
+        if self.is_main:
+            atomic_write_json(self.out / "fairness.json", checks)
+        return checks
+
+
+def compare(
+    config_path: str | Path,
+    out: str | Path,
+    *,
+    force: list[str] | None = None,
+    overrides=None,
+    progress: bool = True,
+) -> dict:
+    cfg = load_experiment(config_path, overrides)
+    out = Path(out)
+    lock = DirectoryLock(out) if dist_utils.rank() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return Experiment(cfg, out, force=force, progress=progress).run()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG.yaml")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="redo a finished stage (data, teacher, calibrate, pretrain[:LABEL], glue[:LABEL], report, all)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    dist_utils.init_if_launched()
+    try:
+        compare(args.config, args.out, force=args.force, progress=not args.no_progress)
+    finally:
+        dist_utils.destroy()
+    return 0
