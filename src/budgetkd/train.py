@@ -243,6 +243,11 @@ class Pretrainer:
 
         self.data = PackedData(cfg.data)
         self.tokenizer = self.data.load_tokenizer()
+        if len(self.tokenizer) != self.data.vocab_size:
+            raise BudgetKDError(
+                f"the tokenizer in {self.data.dir / 'tokenizer'} has {len(self.tokenizer)} tokens but the data was "
+                f"prepared with {self.data.vocab_size}; re-run budgetkd prepare"
+            )
         self.seq_len = self.data.seq_len
         self.lr = cfg.lr if cfg.lr is not None else self.strategy_cls.default_lr
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
@@ -602,6 +607,13 @@ class Pretrainer:
         return summary
 
     def _record_eval(self, writer, final: bool = False) -> None:
+        if (
+            final
+            and self.history
+            and self.history[-1].get("final")
+            and self.history[-1]["step"] == self.meter.steps
+        ):
+            return  # resumed after the final checkpoint (killed during export): already evaluated
         result = self.evaluate()
         result["final"] = final
         self.history.append(result)

@@ -8,7 +8,8 @@ What a document is:
   (a line `` = Title = ``) start a new document, so a WikiText dump becomes its articles;
 * each line of a ``.jsonl`` file is one document (its ``text`` field);
 * each row of a hub dataset is one document (its ``text`` field), except WikiText, whose rows are
-  lines and which is re-split on its headings like the raw files.
+  lines and which is re-split on its headings like the raw files, and BookCorpus, whose rows are
+  sentences without book boundaries and are grouped 1000 at a time.
 
 Documents are yielded as lists of lines (the tokenizer encodes lines in batches).
 """
@@ -26,6 +27,7 @@ from budgetkd.errors import BudgetKDError
 
 TEXT_SUFFIXES = (".txt", ".raw", ".jsonl")
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
+_LINES_PER_BOOKCORPUS_DOCUMENT = 1000
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,17 @@ def read_hub_documents(spec: str) -> Iterator[list[str]]:
         )
     if "wikitext" in name:
         yield from (_clean(d) for d in split_wiki_articles(dataset["text"]) if _clean(d))
+        return
+    if "bookcorpus" in name:
+        # One sentence per row and no book boundaries: consecutive rows form the documents.
+        lines: list[str] = []
+        for row in dataset:
+            lines.extend(_clean(row["text"].splitlines()))
+            if len(lines) >= _LINES_PER_BOOKCORPUS_DOCUMENT:
+                yield lines
+                lines = []
+        if lines:
+            yield lines
         return
     for row in dataset:
         doc = _clean(row["text"].splitlines())

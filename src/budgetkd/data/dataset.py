@@ -37,24 +37,30 @@ class PackedData:
         for key in ("seq_len", "vocab_size", "special_ids", "num_train_sequences"):
             if key not in self.meta:
                 raise BudgetKDError(f"{self.dir / 'meta.json'} is malformed: missing {key!r}")
-        self.train = self._open("train")
-        self.valid = self._open("valid")
         self.seq_len = int(self.meta["seq_len"])
         self.vocab_size = int(self.meta["vocab_size"])
         self.special_ids = self.meta["special_ids"]
-        if self.train.ndim != 2 or self.train.shape[1] != self.seq_len or len(self.train) == 0:
-            raise BudgetKDError(
-                f"{self.dir / 'train.bin'} does not match meta.json (shape {self.train.shape})"
-            )
+        self.train = self._open("train", int(self.meta["num_train_sequences"]))
+        self.valid = self._open("valid", int(self.meta.get("num_valid_sequences", 0)))
+        if len(self.train) == 0:
+            raise BudgetKDError(f"{self.dir / 'train.bin'} holds no sequence")
 
-    def _open(self, split: str) -> np.ndarray:
+    def _open(self, split: str, rows: int) -> np.ndarray:
+        """The split as a read-only memory map ``[rows, seq_len]``, checked against meta.json."""
         path = self.dir / f"{split}.bin"
+        dtype = np.dtype(self.meta.get("dtype", "uint16"))
         try:
-            return np.load(path, mmap_mode="r")
+            size = path.stat().st_size
         except FileNotFoundError:
             raise BudgetKDError(f"dataset file missing: {path}") from None
-        except ValueError as exc:
-            raise BudgetKDError(f"dataset file {path} is corrupt: {exc}") from None
+        if size != rows * self.seq_len * dtype.itemsize:
+            raise BudgetKDError(
+                f"dataset file {path} is corrupt or truncated: {size} bytes, meta.json promises "
+                f"{rows} × {self.seq_len} {dtype.name} values"
+            )
+        if rows == 0:
+            return np.zeros((0, self.seq_len), dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(rows, self.seq_len))
 
     @property
     def num_train(self) -> int:

@@ -3,8 +3,8 @@
 Output directory layout::
 
     DATA_DIR/meta.json       counts, seq_len, dtype, special ids, input fingerprint
-    DATA_DIR/train.bin       [num_train_sequences, seq_len] token ids (NumPy .npy format,
-                             opened with ``np.load(..., mmap_mode="r")``)
+    DATA_DIR/train.bin       [num_train_sequences, seq_len] token ids, raw ``dtype`` (uint16 for
+                             vocabularies up to 65,535, else int32), row-major: np.memmap
     DATA_DIR/valid.bin       [num_valid_sequences, seq_len], the held-out split
     DATA_DIR/tokenizer/      the tokenizer, saved with ``save_pretrained``
 
@@ -24,12 +24,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from budgetkd.data.corpus import Source, iter_documents, resolve_sources, training_text_iterator
-from budgetkd.data.packing import pack_stream, split_validation
+from budgetkd.data.packing import PackWriter, plan_validation
 from budgetkd.data.tokenizer import load_tokenizer, train_wordpiece
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_write_json, read_json, replace_dir, sha256_file, sha256_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ENCODE_BATCH_LINES = 2048
 
 
@@ -65,9 +65,10 @@ def dataset_fingerprint(
     )
 
 
-def _encode_documents(tokenizer, sources: list[Source], progress: bool) -> list[np.ndarray]:
-    """Tokenize every document (lines encoded in large batches by the Rust tokenizer)."""
-    documents: list[np.ndarray] = []
+def _encode_documents(tokenizer, sources: list[Source], sink, progress: bool) -> list[int]:
+    """Tokenize every document (lines encoded in large batches by the Rust tokenizer) and append
+    its ids to ``sink`` as int32; return the document lengths. Memory stays bounded by a batch."""
+    lengths: list[int] = []
     pending_lines: list[str] = []
     pending_doc_sizes: list[int] = []
 
@@ -77,8 +78,11 @@ def _encode_documents(tokenizer, sources: list[Source], progress: bool) -> list[
         encoded = tokenizer(pending_lines, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         start = 0
         for size in pending_doc_sizes:
-            ids = [token for line in encoded[start : start + size] for token in line]
-            documents.append(np.asarray(ids, dtype=np.int64))
+            ids = np.fromiter(
+                (token for line in encoded[start : start + size] for token in line), dtype=np.int32
+            )
+            sink.write(ids.tobytes())
+            lengths.append(len(ids))
             start += size
         pending_lines.clear()
         pending_doc_sizes.clear()
@@ -92,7 +96,7 @@ def _encode_documents(tokenizer, sources: list[Source], progress: bool) -> list[
             flush()
     flush()
     bar.close()
-    return documents
+    return lengths
 
 
 def prepare_dataset(
@@ -133,16 +137,7 @@ def prepare_dataset(
         tok = train_wordpiece(training_text_iterator(sources), train_tokenizer)
     else:
         tok = load_tokenizer(tokenizer)
-    documents = _encode_documents(tok, sources, progress)
-    if not documents or sum(len(d) for d in documents) == 0:
-        raise BudgetKDError(f"the corpus is empty: no text found in {', '.join(inputs)}")
-    train_docs, valid_docs = split_validation(documents, validation_fraction, seed)
     ids = {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id}
-    train = pack_stream(train_docs, seq_len, ids["cls"], ids["sep"], ids["pad"])
-    valid = pack_stream(valid_docs, seq_len, ids["cls"], ids["sep"], ids["pad"])
-    if len(train) == 0:
-        raise BudgetKDError("the corpus is too small: no training sequence left after holding out validation")
-
     vocab_size = len(tok)
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -150,12 +145,41 @@ def prepare_dataset(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        for name, array in (("train", train), ("valid", valid)):
-            mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=array.shape)
-            mm[:] = array.astype(dtype)
-            mm.flush()
-            del mm
-            os.replace(tmp / f"{name}.npy", tmp / f"{name}.bin")
+        # Pass 1: tokens of every document into one flat int32 file (the corpus never sits in memory).
+        with open(tmp / "documents.tmp", "wb") as sink:
+            lengths = np.asarray(_encode_documents(tok, sources, sink, progress), dtype=np.int64)
+        if len(lengths) == 0 or int(lengths.sum()) == 0:
+            raise BudgetKDError(f"the corpus is empty: no text found in {', '.join(inputs)}")
+        # Pass 2: hold out validation (needs lengths only), then pack both splits as streams.
+        plan = plan_validation(lengths, validation_fraction, seed)
+        tokens = np.memmap(tmp / "documents.tmp", dtype=np.int32, mode="r")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        counts = {"train": 0, "valid": 0}
+        with open(tmp / "train.bin", "wb") as train_sink, open(tmp / "valid.bin", "wb") as valid_sink:
+            writers = {
+                "train": PackWriter(seq_len, ids["cls"], ids["sep"], ids["pad"], dtype, train_sink),
+                "valid": PackWriter(seq_len, ids["cls"], ids["sep"], ids["pad"], dtype, valid_sink),
+            }
+            for index in tqdm(range(len(lengths)), desc="packing", unit="doc", disable=not progress):
+                doc = tokens[offsets[index] : offsets[index + 1]]
+                if index in plan:
+                    start, end = plan[index]
+                    if start > 0:
+                        writers["train"].add(doc[:start])
+                        counts["train"] += 1
+                    writers["valid"].add(doc[start:end])
+                    counts["valid"] += 1
+                elif len(doc):
+                    writers["train"].add(doc)
+                    counts["train"] += 1
+            for writer in writers.values():
+                writer.finish()
+        del tokens
+        os.unlink(tmp / "documents.tmp")
+        if writers["train"].rows == 0:
+            raise BudgetKDError(
+                "the corpus is too small: no training sequence left after holding out validation"
+            )
         tok.save_pretrained(str(tmp / "tokenizer"))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -168,14 +192,14 @@ def prepare_dataset(
             "special_ids": {**ids, "mask": tok.mask_token_id, "all": sorted(set(tok.all_special_ids))},
             "validation_fraction": validation_fraction,
             "seed": seed,
-            "num_documents": len(documents),
-            "num_train_documents": len(train_docs),
-            "num_valid_documents": len(valid_docs),
-            "num_train_sequences": int(len(train)),
-            "num_valid_sequences": int(len(valid)),
-            "num_train_tokens": int((train != ids["pad"]).sum()),
-            "num_valid_tokens": int((valid != ids["pad"]).sum()),
-            "num_document_tokens": int(sum(len(d) for d in documents)),
+            "num_documents": int((lengths > 0).sum()),
+            "num_train_documents": counts["train"],
+            "num_valid_documents": counts["valid"],
+            "num_train_sequences": writers["train"].rows,
+            "num_valid_sequences": writers["valid"].rows,
+            "num_train_tokens": writers["train"].real_tokens,
+            "num_valid_tokens": writers["valid"].real_tokens,
+            "num_document_tokens": int(lengths.sum()),
             "prepare_seconds": round(time.perf_counter() - started, 2),
         }
         atomic_write_json(tmp / "meta.json", meta)
