@@ -307,9 +307,15 @@ class Pretrainer:
             self.data, cfg.eval_batch_size, masking, self.mask_seed, max_sequences=cfg.eval_sequences
         )
 
+        self.student_shape_layers = self.student.config.num_hidden_layers
         self.module = TrainModule(self.student, self.strategy).to(self.device)
         self.model = dist_utils.wrap_ddp(
-            self.module, self.device, find_unused=not self.strategy.needs_student_logits
+            self.module,
+            self.device,
+            # parameters without a gradient (the MLM head when no logits are used, layers above
+            # the deepest mapped one) must be declared, or DDP waits for them forever
+            find_unused=not self.strategy.needs_student_logits
+            or any(s != self.student_shape_layers - 1 for s, _ in self.strategy.layer_pairs),
         )
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -437,6 +443,28 @@ class Pretrainer:
         return result
 
     # -- the loop -------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One uncharged forward and backward of the first micro-batch (teacher included), so that
+        one-time start-up costs (kernel selection, allocator growth, lazy initialisation) are not
+        billed to the first step (SPEC §3: start-up is excluded). RNG state and gradients are
+        restored, so the run's result is unchanged."""
+        started = time.perf_counter()
+        micro = self.batches.micro_batches(self.meter.steps)[0]
+        input_ids, attention_mask, labels = (
+            t.to(self.device) for t in (micro.input_ids, micro.attention_mask, micro.labels)
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            teacher_out, teacher_logits = {}, None
+            if self.teacher_runner is not None:
+                teacher_out, teacher_logits = self.teacher_runner(input_ids, attention_mask, labels)
+            with dist_utils.no_sync(self.model):
+                loss, _ = self.model(input_ids, attention_mask, labels, teacher_out, teacher_logits)
+                loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.meter.time_excluded_s += time.perf_counter() - started
+
     def train_step(self, step: int, lr: float) -> tuple[float, dict, float, float]:
         """One optimizer step. Returns (loss, components, teacher seconds, predicted count)."""
         for group in self.optimizer.param_groups:
@@ -527,6 +555,8 @@ class Pretrainer:
                     "versions": _versions(),
                 },
             )
+        if not self.meter.exhausted(self.budget):
+            self.warm_up()
         writer = _tensorboard(self.run_dir / "tb") if self.is_main else None
         progress = _progress(self.is_main and cfg.progress, self.budget, self.meter)
         last_checkpoint = time.perf_counter()

@@ -10,11 +10,11 @@ from budgetkd.errors import BudgetKDError
 
 def load_tokenizer(name_or_path: str | Path):
     """A fast tokenizer from a local directory, a ``vocab.txt`` file, or a hub id."""
-    from transformers import AutoTokenizer, BertTokenizerFast
+    from transformers import AutoTokenizer
 
     path = Path(name_or_path)
     if path.is_file() and path.suffix == ".txt":
-        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+        return bert_tokenizer_from_vocab(str(path), lowercase=True)
     if path.is_dir() and not any(
         (path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
     ):
@@ -39,16 +39,28 @@ def load_tokenizer(name_or_path: str | Path):
 def train_wordpiece(lines: Iterator[str], vocab_size: int, lowercase: bool = True):
     """Train an uncased BERT WordPiece vocabulary of ``vocab_size`` entries on ``lines``."""
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
 
     if vocab_size < 100:
         raise BudgetKDError(f"--train-tokenizer {vocab_size}: a vocabulary needs at least 100 entries")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     wordpiece = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
     wordpiece.train_from_iterator(
-        lines,
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        show_progress=False,
+        lines, vocab_size=vocab_size, min_frequency=2, special_tokens=specials, show_progress=False
     )
+    # The trainer orders tokens of equal rank (the initial alphabet) differently from run to run;
+    # sorting the learned set makes the ids, and hence the packed data, a function of the corpus.
+    learned = sorted(set(wordpiece.get_vocab()) - set(specials))
+    return bert_tokenizer_from_vocab({token: i for i, token in enumerate(specials + learned)}, lowercase)
+
+
+def bert_tokenizer_from_vocab(vocab: dict[str, int] | str, lowercase: bool = True):
+    """A ``BertTokenizerFast`` from a WordPiece vocabulary (a token → id mapping or a vocab.txt).
+
+    Built through ``tokenizers`` so that it works alike across transformers 4.x (``vocab_file=``)
+    and 5.x (``vocab=``), whose constructors disagree.
+    """
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(vocab, lowercase=lowercase, strip_accents=lowercase)
     return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=lowercase)
