@@ -1,0 +1,383 @@
+"""Fine-tune one configuration (task, learning rate, batch size, seed) and evaluate it (SPEC §6).
+
+The recipe, identical for every model (no per-model cases):
+
+- ``AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=...)`` (problem type
+  ``regression`` with one output for STS-B), created right after ``torch.manual_seed(seed)``, so
+  the classifier head is seeded; the pretrained weights are the only thing that differs between
+  models.
+- Inputs: the model's own tokenizer, sentence pairs truncated ``longest_first`` to 128 tokens,
+  padded per batch to the longest sequence (the equivalent of ``DataCollatorWithPadding``).
+- AdamW (β = (0.9, 0.999), ε = 1e-8, the ``transformers`` defaults), weight decay 0.01 on every
+  parameter except biases and normalisation-layer weights; gradient norm clipped to 1.0.
+- Learning rate: linear warm-up over the first ⌈0.06·T⌉ steps to the peak, linear decay to 0 at
+  step T = epochs · ⌈n_train / batch⌉ (``get_linear_schedule_with_warmup``).
+- Training order: a ``torch.Generator`` seeded with ``seed`` shuffles each epoch.
+- bf16 autocast on CUDA (when supported), fp32 on CPU.
+- The configuration's score is the dev score after the last epoch (no early stopping).
+
+This module never writes files; :mod:`budgetkd.glue.pipeline` owns the side effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from budgetkd.errors import BudgetKDError
+from budgetkd.glue.loading import GlueSplit
+from budgetkd.glue.metrics import compute_metrics
+from budgetkd.glue.tasks import GlueTask
+
+# Bump when the recipe's code changes in a way that changes results: invalidates cached runs.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 5
+    max_length: int = 128
+    weight_decay: float = 0.01
+    warmup_proportion: float = 0.06
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 64
+    version: int = RECIPE_VERSION
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# device, threads, quiet loading
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise BudgetKDError("--device cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    raise BudgetKDError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+
+
+def precision_for(device: torch.device) -> str:
+    """``bf16`` autocast on CUDA when the GPU supports it, ``fp32`` otherwise (always on CPU)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(requested: int | None = None) -> int:
+    """Set ``torch.set_num_threads(requested)`` (capped by the usable CPUs); with None, leave
+    PyTorch's default. Never adapted to the machine's load: the thread count changes the order of
+    floating-point reductions, and a cached grid must give the same numbers on every re-run."""
+    if requested is not None:
+        threads = max(1, min(requested, available_cpus()))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence the per-load report ("newly initialized: classifier.weight ...") and weight-loading
+    progress bars, which would repeat for every configuration; restore the settings afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError/...
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise BudgetKDError(
+            f"cannot load a tokenizer from {model_dir}: {type(exc).__name__}: {reason}"
+        ) from None
+    if tokenizer.pad_token is None:
+        # Generic fallback for tokenizers without a padding token (GPT-style): pad with EOS.
+        if tokenizer.eos_token is None:
+            raise BudgetKDError(f"the tokenizer of {model_dir} has neither a padding nor an end token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_classifier(model_dir: str | Path, task: GlueTask, pad_token_id: int | None = None):
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["problem_type"] = "single_label_classification"
+        kwargs["id2label"] = dict(enumerate(task.labels))
+        kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}
+    try:
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise BudgetKDError(
+            f"cannot load {model_dir} as a sequence classifier: {type(exc).__name__}: {reason}"
+        ) from None
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenized data, stored flat (one int32 array per input key + offsets) to stay small for the
+# full 400k-example MNLI/QQP
+
+
+@dataclass
+class EncodedSplit:
+    name: str
+    arrays: dict[str, np.ndarray]  # key -> concatenated values of every example
+    offsets: np.ndarray  # example i spans [offsets[i], offsets[i + 1])
+    labels: np.ndarray  # int64 class ids or float32 scores
+    pad_values: dict[str, int] = field(default_factory=dict)
+    padding_side: str = "right"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def collate(self, indices: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Pad the examples at ``indices`` to the longest one; add ``labels``."""
+        starts, ends = self.offsets[indices], self.offsets[np.asarray(indices) + 1]
+        width = int((ends - starts).max())
+        batch: dict[str, torch.Tensor] = {}
+        for key, values in self.arrays.items():
+            out = np.full((len(starts), width), self.pad_values.get(key, 0), dtype=np.int64)
+            for row, (s, e) in enumerate(zip(starts, ends)):
+                if self.padding_side == "left":
+                    out[row, width - (e - s) :] = values[s:e]
+                else:
+                    out[row, : e - s] = values[s:e]
+            batch[key] = torch.from_numpy(out)
+        batch["labels"] = torch.from_numpy(self.labels[indices])
+        return batch
+
+
+def encode_split(
+    tokenizer, split: GlueSplit, task: GlueTask, max_length: int, chunk: int = 8192
+) -> EncodedSplit:
+    """Tokenize a split once (shared by every configuration and seed of the task)."""
+    pieces: dict[str, list[np.ndarray]] = {}
+    lengths: list[np.ndarray] = []
+    for start in range(0, len(split), chunk):
+        texts = [column[start : start + chunk] for column in split.texts]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        keys = [k for k in encoded.keys() if k != "attention_mask"] + ["attention_mask"]
+        for key in keys:
+            rows = encoded[key]
+            pieces.setdefault(key, []).append(np.fromiter((t for r in rows for t in r), dtype=np.int32))
+        lengths.append(np.fromiter((len(r) for r in encoded["input_ids"]), dtype=np.int64))
+    all_lengths = np.concatenate(lengths)
+    offsets = np.zeros(len(all_lengths) + 1, dtype=np.int64)
+    np.cumsum(all_lengths, out=offsets[1:])
+    pad_values = {
+        "input_ids": int(tokenizer.pad_token_id),
+        "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+        "attention_mask": 0,
+        "special_tokens_mask": 1,
+    }
+    label_dtype = np.float32 if task.is_regression else np.int64
+    return EncodedSplit(
+        name=split.name,
+        arrays={k: np.concatenate(v) for k, v in pieces.items()},
+        offsets=offsets,
+        labels=np.asarray(split.labels, dtype=label_dtype),
+        pad_values=pad_values,
+        padding_side=getattr(tokenizer, "padding_side", "right") or "right",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay everything except biases and the weights of normalisation layers."""
+    no_decay: set[str] = set()
+    for module_name, module in model.named_modules():
+        kind = type(module).__name__.lower()
+        is_norm = isinstance(module, torch.nn.LayerNorm | torch.nn.GroupNorm) or "norm" in kind
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if is_norm or name == "bias" or name.endswith("_bias"):
+                no_decay.add(full)
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if name in no_decay else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, learning_rate: float) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`; the fused kernel where this torch has it (the same update,
+    several times faster on CPU than the per-parameter loop that is the CPU default)."""
+    groups = parameter_groups(model, recipe.weight_decay)
+    kwargs = {"lr": learning_rate, "betas": recipe.adam_betas, "eps": recipe.adam_epsilon}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+@dataclass
+class FineTuneResult:
+    metrics: dict[str, float]  # over every present dev split, suffixed names
+    predictions: dict[str, list]  # dev split name -> prediction per example (class id or score)
+    labels: dict[str, list]  # dev split name -> gold label per example
+    train_examples: int
+    train_steps: int
+    final_loss: float | None  # mean training loss of the last epoch
+    train_seconds: float
+    eval_seconds: float
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model, split: EncodedSplit, task: GlueTask, *, batch_size: int, device, precision: str) -> list:
+    """Predictions in example order; batches sorted by length to waste little on padding."""
+    model.eval()
+    order = np.argsort(split.lengths(), kind="stable")
+    out = np.zeros(len(split), dtype=np.float64 if task.is_regression else np.int64)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in split.collate(indices).items() if k != "labels"}
+        with _autocast(device, precision):
+            logits = model(**batch).logits
+        logits = logits.float().cpu()
+        out[indices] = logits[:, 0].numpy() if task.is_regression else logits.argmax(-1).numpy()
+    if task.is_regression:
+        out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        return [float(v) for v in out]
+    return [int(v) for v in out]
+
+
+def fine_tune(
+    model_dir: str | Path,
+    task: GlueTask,
+    tokenizer,
+    train: EncodedSplit,
+    dev: dict[str, EncodedSplit],
+    *,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    recipe: Recipe,
+    device: torch.device,
+    precision: str,
+    progress: bool = True,
+    description: str = "",
+) -> FineTuneResult:
+    """Train one configuration for ``recipe.epochs`` epochs and evaluate on every dev split."""
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    model = load_classifier(model_dir, task, tokenizer.pad_token_id).to(device)
+    optimizer = make_optimizer(model, recipe, learning_rate)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total_steps = recipe.epochs * steps_per_epoch
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(recipe.warmup_proportion * total_steps), total_steps
+    )
+    generator = torch.Generator().manual_seed(seed)
+
+    started = time.perf_counter()
+    model.train()
+    final_loss: float | None = None
+    with tqdm(total=total_steps, desc=description, unit="step", leave=False, disable=not progress) as bar:
+        for _epoch in range(recipe.epochs):
+            permutation = torch.randperm(len(train), generator=generator).numpy()
+            loss_sum, loss_count = 0.0, 0
+            for start in range(0, len(permutation), batch_size):
+                batch = {
+                    k: v.to(device) for k, v in train.collate(permutation[start : start + batch_size]).items()
+                }
+                with _autocast(device, precision):
+                    loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach())
+                loss_count += 1
+                bar.update(1)
+                if loss_count % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
+            final_loss = loss_sum / loss_count if loss_count else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    predictions: dict[str, list] = {}
+    labels: dict[str, list] = {}
+    suffixes = {s.name: s.metric_suffix for s in task.dev_splits}
+    for name, split in dev.items():
+        predictions[name] = predict(
+            model, split, task, batch_size=recipe.eval_batch_size, device=device, precision=precision
+        )
+        labels[name] = split.labels.tolist()
+        metrics.update(compute_metrics(task, labels[name], predictions[name], suffixes[name]))
+    eval_seconds = time.perf_counter() - started
+    if final_loss is not None and not math.isfinite(final_loss):
+        final_loss = None
+    del model, optimizer
+    return FineTuneResult(
+        metrics=metrics,
+        predictions=predictions,
+        labels=labels,
+        train_examples=len(train),
+        train_steps=total_steps,
+        final_loss=final_loss,
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+    )
