@@ -26,7 +26,8 @@ Schema (defaults in brackets)::
       batch_size [1024], micro_batch_size [null], lr_no_kd [1e-3], lr_kd [5e-4], warmup [0.06],
       weight_decay [0.01], adam_betas [[0.9, 0.98]], adam_eps [1e-6], max_grad_norm [0]
     training: {num_evals [10], eval_sequences [512], dropout [null], fixed_mask_count [false],
-               device [auto], checkpoint_interval_s [600], on_nonfinite [stop]}
+               device [auto], checkpoint_interval_s [600], checkpoint_every_steps [0],
+               on_nonfinite [stop]}
     glue:
       dir: PATH | null                          [null → the hub, nyu-mll/glue]
       tasks: all | [cola, sst2, …]              [all]
@@ -65,6 +66,7 @@ TRAINING_DEFAULTS = {
     "fixed_mask_count": False,
     "device": "auto",
     "checkpoint_interval_s": 600.0,
+    "checkpoint_every_steps": 0,
     "on_nonfinite": "stop",
 }
 GLUE_DEFAULTS = {
@@ -337,6 +339,7 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     _check(training["fixed_mask_count"], bool, "training.fixed_mask_count")
     _check(training["device"], str, "training.device")
     _check(training["checkpoint_interval_s"], float, "training.checkpoint_interval_s")
+    _check(training["checkpoint_every_steps"], int, "training.checkpoint_every_steps")
     if training["on_nonfinite"] not in ("stop", "skip"):
         raise BudgetKDError("config key 'training.on_nonfinite' must be stop or skip")
     cfg["training"] = training

@@ -152,6 +152,7 @@ class Experiment:
             num_evals=training["num_evals"],
             eval_sequences=training["eval_sequences"],
             checkpoint_interval_s=training["checkpoint_interval_s"],
+            checkpoint_every_steps=training["checkpoint_every_steps"],
             on_nonfinite=training["on_nonfinite"],
             device=training["device"],
             progress=self.progress,
@@ -288,7 +289,7 @@ class Experiment:
                 teacher=None,
                 max_epochs=None,
             )
-            fp_cal = sha256_json({"train": config.resolved(), "data": fp_data, "calibrate": cal})
+            fp_cal = sha256_json({"train": config.identity(), "data": fp_data, "calibrate": cal})
             result = book.done("calibrate", fp_cal, self.forced)
             if result is None:
                 self._say(
@@ -326,7 +327,7 @@ class Experiment:
             )
             stage = f"pretrain:{label}"
             fp = sha256_json(
-                {"train": config.resolved(), "budget": fp_budget, "teacher": fp_teacher, "data": fp_data}
+                {"train": config.identity(), "budget": fp_budget, "teacher": fp_teacher, "data": fp_data}
             )
             result = book.done(stage, fp, self.forced)
             if result is None:

@@ -166,7 +166,10 @@ class DirectoryLock:
         self._handle = None
 
     def acquire(self) -> DirectoryLock:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise BudgetKDError(f"{self.directory} exists and is not a directory") from None
         handle = open(self.directory / ".lock", "a+")  # noqa: SIM115 - held for the lock's life
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -106,6 +106,13 @@ class TrainConfig:
         out["adam_betas"] = list(self.adam_betas)
         return out
 
+    def identity(self) -> dict:
+        """What determines the run's result: everything but the fields a resumption may change and
+        the locations (a moved run directory or dataset stays the same run; the data's content
+        fingerprint stands in for its path)."""
+        skip = set(self.RESUMABLE_CHANGES) | {"out", "data"}
+        return {k: v for k, v in self.resolved().items() if k not in skip}
+
 
 class TrainModule(nn.Module):
     """What trains: the student plus the strategy's own parameters (projections). DDP wraps this."""
@@ -187,7 +194,14 @@ def _select_device(spec: str) -> torch.device:
         raise BudgetKDError(f"--device {spec}: CUDA is not available on this machine")
     if spec == "cuda":
         return torch.device("cuda", dist_utils.local_rank())
-    return torch.device(spec)
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise BudgetKDError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+# What a run directory may hold before its first checkpoint (a run killed early, or the lock).
+_RUN_FILES = {".lock", "run_config.json", "tb", "summary.json", "checkpoint.pt", "model"}
 
 
 def _run_state(run_dir: Path) -> str:
@@ -201,6 +215,11 @@ def _run_state(run_dir: Path) -> str:
             pass
     if (run_dir / "checkpoint.pt").exists():
         return "unfinished"
+    foreign = [p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES] if run_dir.is_dir() else []
+    if foreign:
+        raise BudgetKDError(
+            f"{run_dir} is not empty and holds no budgetkd run (found {sorted(foreign)[0]!r}); choose a new --out"
+        )
     return "new"
 
 
@@ -232,6 +251,12 @@ class Pretrainer:
             )
         if cfg.max_epochs is not None and cfg.max_epochs <= 0:
             raise BudgetKDError(f"max_epochs must be positive, got {cfg.max_epochs}")
+        if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+            raise BudgetKDError(f"dropout must lie in [0, 1), got {cfg.dropout}")
+        for name in ("seed", "data_seed", "mask_seed"):
+            value = getattr(cfg, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise BudgetKDError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
         if not 0 <= cfg.warmup < 1:
             raise BudgetKDError(f"warmup must lie in [0, 1), got {cfg.warmup}")
         if cfg.lr is not None and not cfg.lr > 0:
@@ -291,7 +316,9 @@ class Pretrainer:
             special_ids=tuple(int(i) for i in self.data.special_ids["all"]),
             fixed_count=cfg.fixed_mask_count,
         )
-        micro = cfg.micro_batch_size or min(cfg.batch_size // self.world_size, 64)
+        per_rank = cfg.batch_size // self.world_size
+        # default micro-batch: the largest divisor of the per-process batch up to 64
+        micro = cfg.micro_batch_size or max(d for d in range(1, min(max(per_rank, 1), 64) + 1) if per_rank % d == 0)
         self.batches = StepBatches(
             self.data,
             batch_size=cfg.batch_size,
@@ -524,8 +551,7 @@ class Pretrainer:
         cfg = self.config
         self.setup()
         resolved = cfg.resolved()
-        ignore = set(TrainConfig.RESUMABLE_CHANGES)
-        self.config_hash = sha256_json({k: v for k, v in resolved.items() if k not in ignore})
+        self.config_hash = sha256_json({**cfg.identity(), "data_fingerprint": self.data.meta.get("fingerprint")})
         state = _run_state(self.run_dir)
         if state == "finished":
             raise BudgetKDError(f"{self.run_dir} already holds a finished run; choose another --out")
@@ -692,6 +718,9 @@ class Pretrainer:
 def pretrain(config: TrainConfig, resume: bool = False) -> dict:
     """Run (or resume) one pretraining run and return its summary."""
     run_dir = Path(config.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BudgetKDError(f"--out {run_dir} exists and is not a directory")
+    _run_state(run_dir)  # refuses a foreign, non-empty directory before the lock file is put in it
     with locked(run_dir, enabled=dist_utils.rank() == 0):
         return Pretrainer(config, resume=resume).pretrain()
 

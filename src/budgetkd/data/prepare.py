@@ -117,7 +117,11 @@ def prepare_dataset(
         raise BudgetKDError(f"--seq-len {seq_len} is out of range (8..8192)")
     if not 0.0 <= validation_fraction < 0.5:
         raise BudgetKDError(f"--validation-fraction {validation_fraction} must lie in [0, 0.5)")
+    if not isinstance(seed, int) or seed < 0:
+        raise BudgetKDError(f"--seed must be a non-negative integer, got {seed!r}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BudgetKDError(f"--out {out_dir} is a file, not a directory")
     sources = resolve_sources(inputs)
     fingerprint = dataset_fingerprint(sources, tokenizer, train_tokenizer, seq_len, validation_fraction, seed)
 
