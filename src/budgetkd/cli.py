@@ -4,7 +4,6 @@ one line and exit status 2; argparse usage errors also exit 2."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -218,12 +217,10 @@ def _lazy(module: str) -> tuple[Callable, Callable]:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize and pack a corpus into training data", _add_prepare, _run_prepare),
     "pretrain": ("pretrain a student with one strategy under a budget", _add_pretrain, _run_pretrain),
-}
-_OPTIONAL_COMMANDS = {
-    "glue": ("fine-tune and evaluate a model on GLUE", "budgetkd.glue.cli"),
-    "compare": ("run the whole comparison from one YAML", "budgetkd.experiment"),
-    "report": ("write the comparison table and plots of a compare directory", "budgetkd.report"),
-    "demo": ("run the embedded demo comparison (configs/demo.yaml)", "budgetkd.demo"),
+    "glue": ("fine-tune and evaluate a model on GLUE", *_lazy("budgetkd.glue.cli")),
+    "compare": ("run the whole comparison from one YAML", *_lazy("budgetkd.experiment")),
+    "report": ("write the comparison table and plots of a compare directory", *_lazy("budgetkd.report")),
+    "demo": ("run the embedded demo comparison (configs/demo.yaml)", *_lazy("budgetkd.demo")),
 }
 
 
@@ -235,19 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _run) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
-    import importlib.util
-
-    for name, (help_text, module) in _OPTIONAL_COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            add, _run = _lazy(module)
-            add(sub.add_parser(name, help=help_text, description=help_text))
     return parser
-
-
-def _runner(name: str) -> Callable:
-    if name in COMMANDS:
-        return COMMANDS[name][2]
-    return _lazy(_OPTIONAL_COMMANDS[name][1])[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(_runner(args.command)(args) or 0)
+        return int(COMMANDS[args.command][2](args) or 0)
     except BudgetKDError as exc:
         print(f"budgetkd: error: {exc}", file=sys.stderr)
         return 2
@@ -265,10 +250,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
 
 
 if __name__ == "__main__":
