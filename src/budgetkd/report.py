@@ -330,6 +330,9 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     plots = out / "plots"
     paths = []
     rows = table["rows"]
+    # one colour per strategy, the same in every plot
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {row["label"]: palette[i % len(palette)] for i, row in enumerate(rows)}
 
     # GLUE score per task and strategy
     tasks = [(t, title) for t, title in table["columns"] if any(t in r["cells"] for r in rows)]
@@ -341,7 +344,14 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
         errors = [100 * (row["cells"][t]["std"] or 0) if t in row["cells"] else 0 for t, _ in tasks]
         values.append(np.nan if row["avg"] is None else 100 * row["avg"])
         errors.append(0)
-        ax.bar(positions + i * width, values, width, yerr=errors, label=row["display"])
+        ax.bar(
+            positions + i * width,
+            values,
+            width,
+            yerr=errors,
+            label=row["display"],
+            color=colour[row["label"]],
+        )
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, [title for _, title in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
     ax.set_title("GLUE dev score per task and strategy")
@@ -357,17 +367,24 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
         if not evaluations:
             continue
         x = [e["budget_fraction"] for e in evaluations]
-        axes[0].plot(x, [e["val_mlm_loss"] for e in evaluations], marker="o", label=row["display"])
+        style = {"marker": "o", "label": row["display"], "color": colour[row["label"]]}
+        axes[0].plot(x, [e["val_mlm_loss"] for e in evaluations], **style)
         kd = [(e["budget_fraction"], e["val_loss"]) for e in evaluations if e.get("val_loss") is not None]
         if kd and row["strategy"] != "none":
-            axes[1].plot([a for a, _ in kd], [b for _, b in kd], marker="o", label=row["display"])
-    axes[0].set_title("Validation MLM loss against budget fraction")
-    axes[1].set_title("Validation KD loss (each strategy's objective) against budget fraction")
+            axes[1].plot([a for a, _ in kd], [b for _, b in kd], **style)
+    fig.suptitle("Validation loss against the fraction of the budget consumed")
+    axes[0].set_title("MLM loss (student's MLM head)")
+    axes[1].set_title("KD loss (each strategy's own objective)")
+    kd_values = [v for line in axes[1].get_lines() for v in line.get_ydata() if v > 0]
+    if kd_values and max(kd_values) / min(kd_values) > 20:
+        axes[1].set_yscale("log")  # objectives of different strategies differ by orders of magnitude
     for ax in axes:
         ax.set_xlabel("budget fraction consumed")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("MLM loss (nats)")
-    axes[1].set_ylabel("KD loss")
+        ax.set_xlim(-0.02, 1.02)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("nats per predicted token")
+    axes[1].set_ylabel("loss")
     paths.append(plots / "val_loss.png")
     _save_figure(fig, paths[-1])
     plt.close(fig)
@@ -376,7 +393,7 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [r["display"] for r in rows]
     tokens = [(r["tokens"] or 0) / 1e6 for r in rows]
-    bars = ax.bar(labels, tokens, color=["tab:gray" if r["is_base"] else "tab:blue" for r in rows])
+    bars = ax.bar(labels, tokens, color=[colour[r["label"]] for r in rows])
     ax.bar_label(bars, fmt="%.2fM", fontsize=8)
     ax.set_ylabel("tokens processed (millions)")
     ax.set_title("Tokens processed per strategy under the same budget")

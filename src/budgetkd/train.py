@@ -318,7 +318,9 @@ class Pretrainer:
         )
         per_rank = cfg.batch_size // self.world_size
         # default micro-batch: the largest divisor of the per-process batch up to 64
-        micro = cfg.micro_batch_size or max(d for d in range(1, min(max(per_rank, 1), 64) + 1) if per_rank % d == 0)
+        micro = cfg.micro_batch_size or max(
+            d for d in range(1, min(max(per_rank, 1), 64) + 1) if per_rank % d == 0
+        )
         self.batches = StepBatches(
             self.data,
             batch_size=cfg.batch_size,
@@ -551,7 +553,9 @@ class Pretrainer:
         cfg = self.config
         self.setup()
         resolved = cfg.resolved()
-        self.config_hash = sha256_json({**cfg.identity(), "data_fingerprint": self.data.meta.get("fingerprint")})
+        self.config_hash = sha256_json(
+            {**cfg.identity(), "data_fingerprint": self.data.meta.get("fingerprint")}
+        )
         state = _run_state(self.run_dir)
         if state == "finished":
             raise BudgetKDError(f"{self.run_dir} already holds a finished run; choose another --out")
@@ -581,9 +585,11 @@ class Pretrainer:
                     "versions": _versions(),
                 },
             )
+        writer = _tensorboard(self.run_dir / "tb") if self.is_main else None
+        if not self.history:
+            self._record_eval(writer)  # the starting point (budget fraction 0), uncharged
         if not self.meter.exhausted(self.budget):
             self.warm_up()
-        writer = _tensorboard(self.run_dir / "tb") if self.is_main else None
         progress = _progress(self.is_main and cfg.progress, self.budget, self.meter)
         last_checkpoint = time.perf_counter()
         step_flops_cache: dict[int, tuple[float, float]] = {}
