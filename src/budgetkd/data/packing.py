@@ -107,39 +107,48 @@ def pack_stream(
     return writer.finish()
 
 
-def plan_validation(lengths: np.ndarray, fraction: float, seed: int) -> dict[int, tuple[int, int]]:
+def plan_validation(
+    lengths: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None
+) -> dict[int, tuple[int, int]]:
     """Which tokens to hold out: ``{document index: (start, end)}`` covering about ``fraction``
-    of all tokens.
+    of all tokens — and of each group's tokens (``groups``: e.g. the input file or dataset of each
+    document), so that the validation split mirrors the corpus mixture instead of whichever
+    source a few random documents came from.
 
-    Whole documents are taken in a seeded order; when the next document would overshoot the
-    remaining target by more than 2× (a long book), only a contiguous block from its end is held
-    out and the rest stays in training. Needs only the lengths, so it runs before packing.
+    Within a group, whole documents are taken in a seeded order; when the next document would
+    overshoot the remaining target by more than 2× (a long book), only a contiguous block from its
+    end is held out and the rest stays in training. Needs only the lengths, so it runs before
+    packing.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if fraction <= 0 or len(lengths) == 0:
         return {}
-    target = int(round(fraction * int(lengths.sum())))
+    groups = np.zeros(len(lengths), dtype=np.int64) if groups is None else np.asarray(groups)
+    rng = np.random.default_rng(seed)
     held: dict[int, tuple[int, int]] = {}
-    taken = 0
-    for index in np.random.default_rng(seed).permutation(len(lengths)):
-        need = target - taken
-        if need <= 0:
-            break
-        length = int(lengths[index])
-        if length <= 2 * need:
-            held[int(index)] = (0, length)
-            taken += length
-        else:
-            held[int(index)] = (length - need, length)
-            taken += need
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        target = int(round(fraction * int(lengths[members].sum())))
+        taken = 0
+        for index in members[rng.permutation(len(members))]:
+            need = target - taken
+            if need <= 0:
+                break
+            length = int(lengths[index])
+            if length <= 2 * need:
+                held[int(index)] = (0, length)
+                taken += length
+            else:
+                held[int(index)] = (length - need, length)
+                taken += need
     return held
 
 
 def split_validation(
-    documents: list[np.ndarray], fraction: float, seed: int
+    documents: list[np.ndarray], fraction: float, seed: int, groups: np.ndarray | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(train documents, validation documents) per :func:`plan_validation`, train in order."""
-    plan = plan_validation(np.array([len(d) for d in documents], dtype=np.int64), fraction, seed)
+    plan = plan_validation(np.array([len(d) for d in documents], dtype=np.int64), fraction, seed, groups)
     train, validation = [], []
     for index, doc in enumerate(documents):
         if index in plan:

@@ -29,7 +29,7 @@ from budgetkd.data.tokenizer import load_tokenizer, train_wordpiece
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_write_json, read_json, replace_dir, sha256_file, sha256_json
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _ENCODE_BATCH_LINES = 2048
 
 
@@ -65,10 +65,12 @@ def dataset_fingerprint(
     )
 
 
-def _encode_documents(tokenizer, sources: list[Source], sink, progress: bool) -> list[int]:
+def _encode_documents(tokenizer, sources: list[Source], sink, progress: bool) -> tuple[list[int], list[int]]:
     """Tokenize every document (lines encoded in large batches by the Rust tokenizer) and append
-    its ids to ``sink`` as int32; return the document lengths. Memory stays bounded by a batch."""
+    its ids to ``sink`` as int32; return the document lengths and the index of the input each
+    document came from. Memory stays bounded by a batch."""
     lengths: list[int] = []
+    groups: list[int] = []
     pending_lines: list[str] = []
     pending_doc_sizes: list[int] = []
 
@@ -88,15 +90,17 @@ def _encode_documents(tokenizer, sources: list[Source], sink, progress: bool) ->
         pending_doc_sizes.clear()
 
     bar = tqdm(desc="tokenizing documents", unit="doc", disable=not progress)
-    for doc in iter_documents(sources):
-        pending_lines.extend(doc)
-        pending_doc_sizes.append(len(doc))
-        bar.update(1)
-        if len(pending_lines) >= _ENCODE_BATCH_LINES:
-            flush()
+    for source_index, source in enumerate(sources):
+        for doc in iter_documents([source]):
+            pending_lines.extend(doc)
+            pending_doc_sizes.append(len(doc))
+            groups.append(source_index)
+            bar.update(1)
+            if len(pending_lines) >= _ENCODE_BATCH_LINES:
+                flush()
     flush()
     bar.close()
-    return lengths
+    return lengths, groups
 
 
 def prepare_dataset(
@@ -151,11 +155,12 @@ def prepare_dataset(
     try:
         # Pass 1: tokens of every document into one flat int32 file (the corpus never sits in memory).
         with open(tmp / "documents.tmp", "wb") as sink:
-            lengths = np.asarray(_encode_documents(tok, sources, sink, progress), dtype=np.int64)
+            lengths, groups = _encode_documents(tok, sources, sink, progress)
+            lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) == 0 or int(lengths.sum()) == 0:
             raise BudgetKDError(f"the corpus is empty: no text found in {', '.join(inputs)}")
         # Pass 2: hold out validation (needs lengths only), then pack both splits as streams.
-        plan = plan_validation(lengths, validation_fraction, seed)
+        plan = plan_validation(lengths, validation_fraction, seed, np.asarray(groups))
         tokens = np.memmap(tmp / "documents.tmp", dtype=np.int32, mode="r")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         counts = {"train": 0, "valid": 0}
