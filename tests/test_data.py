@@ -532,3 +532,17 @@ def test_wordpiece_merges_by_hand():
     assert wordpiece_merges(iter(lines), budget=100) == alphabet + merges
     assert wordpiece_merges(iter(lines), budget=10) == alphabet + merges[:2]
     assert wordpiece_merges(iter(["Héllo"]), budget=100) == ["##e", "##l", "##o", "h"]  # BERT normalisation
+
+
+def test_validation_takes_its_share_from_every_input():
+    """Two inputs, 4 long and 200 short documents: each gives ≈ 5 % of its own tokens, so the
+    validation split mirrors the mixture instead of one randomly favoured source."""
+    from budgetkd.data.packing import plan_validation
+
+    lengths = np.array([50_000] * 4 + [500] * 200)
+    groups = np.array([0] * 4 + [1] * 200)
+    plan = plan_validation(lengths, 0.05, seed=3, groups=groups)
+    held = {g: sum(end - start for i, (start, end) in plan.items() if groups[i] == g) for g in (0, 1)}
+    assert held[0] == 10_000  # 5 % of 200,000 as one contiguous block of a long document
+    assert 5_000 - 500 < held[1] <= 5_000 + 500  # whole 500-token documents
+    assert all(end == lengths[index] for index, (_, end) in plan.items())  # whole, or a block at the end
