@@ -131,8 +131,44 @@ def _merge(section: Any, defaults: dict, key: str) -> dict:
     return {**copy.deepcopy(defaults), **section}
 
 
+def _budget(value: Any, key: str) -> Budget:
+    """Parse a budget (a string with a unit; a bare number is refused as unit-less), naming the key."""
+    try:
+        return Budget.parse(value if isinstance(value, (str, int, float)) else str(value))
+    except BudgetKDError as exc:
+        raise BudgetKDError(f"config key {key!r}: {exc}") from None
+
+
+def check_teacher_path(path: str, key: str = "teacher.path") -> None:
+    """Refuse, before any work, a local teacher that cannot be loaded: a file, or a directory
+    without config.json or weights (a budgetkd run directory is accepted through its model/). A
+    path that does not exist is left to the teacher stage: it may be a hub id."""
+    local = Path(path)
+    if not local.exists():
+        return
+    if not local.is_dir():
+        raise BudgetKDError(
+            f"config key {key!r}: teacher {path} is a file; give a model directory or a hub id"
+        )
+
+    def has_weights(folder: Path) -> bool:
+        return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+    if not has_weights(local) and (local / "model" / "config.json").is_file():
+        local = local / "model"  # a budgetkd run directory
+    if not (local / "config.json").is_file():
+        raise BudgetKDError(f"config key {key!r}: teacher directory {local} has no config.json")
+    if not has_weights(local):
+        raise BudgetKDError(
+            f"config key {key!r}: teacher directory {local} holds no weights (*.safetensors or *.bin)"
+        )
+
+
 def load_experiment(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read and validate an experiment YAML; ``overrides`` are merged (dotted keys allowed)."""
+    """Read and validate an experiment YAML; ``overrides`` are merged (dotted keys allowed). A local
+    teacher directory and the GLUE files are checked too (existence, not content), so that a
+    teacher without weights or a missing GLUE task is refused before the data stage, not hours
+    after it."""
     raw = read_yaml(path, "experiment config")
     if not isinstance(raw, dict):
         raise BudgetKDError(f"experiment config {path} must be a mapping at the top level")
@@ -142,7 +178,19 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return validate_experiment(raw, default_name=Path(path).stem)
+    cfg = validate_experiment(raw, default_name=Path(path).stem)
+    if cfg["teacher"] is not None and "path" in cfg["teacher"]:
+        check_teacher_path(cfg["teacher"]["path"])
+    if cfg["glue"]["dir"] is not None:
+        from budgetkd.glue.loading import check_local_files
+        from budgetkd.glue.tasks import parse_tasks
+
+        for task in parse_tasks(cfg["glue"]["tasks"]):
+            try:
+                check_local_files(task, cfg["glue"]["dir"])
+            except BudgetKDError as exc:
+                raise BudgetKDError(f"config key 'glue.dir': {exc}") from None
+    return cfg
 
 
 def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
@@ -261,7 +309,7 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
             if block["student"] is None or block["budget"] is None:
                 raise BudgetKDError("config key 'teacher.pretrain' needs 'student' and 'budget'")
             resolve_architecture(block["student"])
-            Budget.parse(str(block["budget"]))
+            _budget(block["budget"], "teacher.pretrain.budget")
             _check(block["batch_size"], int, "teacher.pretrain.batch_size", optional=True)
             _check(block["micro_batch_size"], int, "teacher.pretrain.micro_batch_size", optional=True)
             _check(block["lr"], float, "teacher.pretrain.lr")
@@ -306,7 +354,7 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
         cfg["budget"] = {"calibrate": cal}
     else:
         explicit = budget["explicit"]
-        Budget.parse(str(explicit))
+        _budget(explicit, "budget.explicit")
         cfg["budget"] = {"explicit": str(explicit)}
 
     setting = raw.get("data_setting", "unlimited")

@@ -176,13 +176,33 @@ class Experiment:
             self._say(f"{stage}: resuming {run_dir}")
         return pretrain(config, resume=resume)
 
+    def _stage_outputs(self, stage: str) -> list[Path]:
+        kind, _, label = stage.partition(":")
+        if kind in ("data", "teacher"):
+            return [self.out / kind]
+        if kind == "pretrain" and label:
+            return [self.out / "runs" / label]
+        if kind == "glue" and label:
+            return [self.out / "glue" / label]
+        return []
+
     # -- stages ---------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         book = StageBook(self.out)
         if self.is_main:
-            atomic_write_json(self.out / "experiment.json", cfg)
+            # Forced stages are forgotten and their outputs deleted before any work: killed midway,
+            # a plain re-run redoes them instead of trusting outputs that are gone or stale.
+            for stage in sorted(self.forced):
+                book.forget(stage)
+                for path in self._stage_outputs(stage):
+                    if path.exists():
+                        shutil.rmtree(path)
+            # The record of a finished experiment is replaced only once this configuration has
+            # passed every stage's fingerprint check (just before the report), never by a refused one.
+            if not (self.out / "experiment.json").exists():
+                atomic_write_json(self.out / "experiment.json", cfg)
 
         # data ----------------------------------------------------------------------------------
         data_cfg = cfg["data"]
@@ -383,6 +403,7 @@ class Experiment:
         from budgetkd.report import write_report
 
         self._say("stage report: writing tables and plots")
+        atomic_write_json(self.out / "experiment.json", cfg)
         paths = write_report(self.out)
         book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
         atomic_write_json(self.out / "fairness.json", fairness)
@@ -415,6 +436,13 @@ def compare(
 ) -> dict:
     cfg = load_experiment(config_path, overrides)
     out = Path(out)
+    if out.is_dir() and not any((out / name).exists() for name in ("state.json", "experiment.json")):
+        foreign = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        if foreign:
+            raise BudgetKDError(
+                f"--out {out} is not empty and holds no budgetkd experiment (found {foreign[0]!r}); "
+                "choose a new --out"
+            )
     lock = DirectoryLock(out) if dist_utils.rank() == 0 else None
     if lock is not None:
         lock.acquire()

@@ -177,6 +177,21 @@ def _checkpoint_tensor_names(path: Path) -> set[str] | None:
     return None
 
 
+@contextmanager
+def _no_progress_bars():
+    """transformers 5 draws progress bars on stderr when it loads or saves weights; budgetkd has its
+    own (``--no-progress``), and an error must stay the only stderr line."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teacher:
     """Load any HF BERT checkpoint as a frozen, eval-mode teacher.
 
@@ -212,10 +227,13 @@ def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teach
     else:
         has_head = bool(architectures & {"BertForMaskedLM", "BertForPreTraining"}) or not architectures
     try:
-        if has_head:
-            model = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
-        else:
-            model = BertModel.from_pretrained(str(path), attn_implementation="sdpa", add_pooling_layer=False)
+        with _no_progress_bars():
+            if has_head:
+                model = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+            else:
+                model = BertModel.from_pretrained(
+                    str(path), attn_implementation="sdpa", add_pooling_layer=False
+                )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BudgetKDError(f"cannot load teacher {name_or_path}: {first[:200]}") from None
@@ -357,7 +375,8 @@ def export_student(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     from budgetkd.io import replace_dir
 

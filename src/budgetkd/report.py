@@ -57,31 +57,99 @@ def _task_seed_scores(task_entry: dict) -> list[float]:
     return [] if score is None else [float(score)]
 
 
+# What the tables read from a run's summary.json (``consumed``) — checked up front, so that a
+# malformed file is a one-line error naming it rather than a traceback half-way through writing.
+_CONSUMED_KEYS = (
+    "time_s",
+    "flops",
+    "flops_teacher_share",
+    "time_teacher_share",
+    "tokens",
+    "epochs",
+    "tokens_per_s",
+)
+
+
+def _malformed(what: str, path: Path, why: str) -> BudgetKDError:
+    return BudgetKDError(f"{what} {path} is malformed: {why}")
+
+
+def _read_experiment(path: Path) -> list[tuple[str, str]]:
+    experiment = read_json(path, "experiment record")
+    strategies = experiment.get("strategies") if isinstance(experiment, dict) else None
+    if not isinstance(strategies, list) or not strategies:
+        raise _malformed("experiment record", path, "no 'strategies' list")
+    entries = []
+    for i, strategy in enumerate(strategies):
+        if not (
+            isinstance(strategy, dict)
+            and isinstance(strategy.get("label"), str)
+            and isinstance(strategy.get("name"), str)
+        ):
+            raise _malformed("experiment record", path, f"strategies[{i}] lacks a 'label' or 'name'")
+        entries.append((strategy["label"], strategy["name"]))
+    return entries
+
+
+def _read_summary(path: Path) -> dict:
+    summary = read_json(path, "run summary")
+    if not isinstance(summary, dict):
+        raise _malformed("run summary", path, "not a JSON object")
+    consumed = summary.get("consumed")
+    if not isinstance(consumed, dict):
+        raise _malformed("run summary", path, "no 'consumed' object")
+    for key in _CONSUMED_KEYS:
+        if not isinstance(consumed.get(key), (int, float)) or isinstance(consumed.get(key), bool):
+            raise _malformed("run summary", path, f"'consumed.{key}' is not a number")
+    if not isinstance(summary.get("strategy", ""), str):
+        raise _malformed("run summary", path, "'strategy' is not a string")
+    evaluations = summary.get("evaluations") or []
+    if not isinstance(evaluations, list) or not all(
+        isinstance(e, dict) and "budget_fraction" in e and "val_mlm_loss" in e for e in evaluations
+    ):
+        raise _malformed("run summary", path, "'evaluations' is not a list of evaluations")
+    return summary
+
+
+def _read_glue_scores(path: Path) -> dict[str, list[float]]:
+    glue = read_json(path, "GLUE results")
+    tasks = glue.get("tasks") if isinstance(glue, dict) else None
+    if not isinstance(tasks, dict):
+        raise _malformed("GLUE results", path, "no 'tasks' object")
+    scores = {}
+    for task, entry in tasks.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("runs", []), list):
+            raise _malformed("GLUE results", path, f"task {task!r} is not a GLUE task entry")
+        try:
+            values = _task_seed_scores(entry)
+        except (AttributeError, TypeError, ValueError):
+            raise _malformed("GLUE results", path, f"task {task!r} has malformed runs or scores") from None
+        if values:
+            scores[task] = values
+    return scores
+
+
 def collect(out: Path) -> dict:
     """Gather the rows of a compare directory into plain data (also used by the tests)."""
     experiment_path = out / "experiment.json"
     if experiment_path.exists():
-        experiment = read_json(experiment_path, "experiment record")
-        entries = [(s["label"], s["name"]) for s in experiment["strategies"]]
+        entries = _read_experiment(experiment_path)
     else:
         runs = sorted(p.parent.name for p in (out / "runs").glob("*/summary.json"))
         if not runs:
             raise BudgetKDError(
                 f"{out} holds no compare results (no experiment.json, no runs/*/summary.json)"
             )
-        entries = [(label, read_json(out / "runs" / label / "summary.json")["strategy"]) for label in runs]
+        entries = [
+            (label, _read_summary(out / "runs" / label / "summary.json").get("strategy", label))
+            for label in runs
+        ]
     rows = []
     for label, name in entries:
         summary_path = out / "runs" / label / "summary.json"
-        summary = read_json(summary_path, "run summary") if summary_path.exists() else None
+        summary = _read_summary(summary_path) if summary_path.exists() else None
         glue_path = out / "glue" / label / "glue.json"
-        glue = read_json(glue_path, "GLUE results") if glue_path.exists() else None
-        scores = {}
-        if glue is not None:
-            for task, entry in glue.get("tasks", {}).items():
-                values = _task_seed_scores(entry)
-                if values:
-                    scores[task] = values
+        scores = _read_glue_scores(glue_path) if glue_path.exists() else {}
         display = summary.get("display_name", label) if summary else label
         if summary and label != name:
             display = f"{display} ({label})"

@@ -204,6 +204,28 @@ def _select_device(spec: str) -> torch.device:
 _RUN_FILES = {".lock", "run_config.json", "tb", "summary.json", "checkpoint.pt", "model"}
 
 
+def _is_temporary(name: str) -> bool:
+    """What an atomic write or export killed half-way leaves behind (``.checkpoint.pt.k3x9.tmp``,
+    ``.summary.json.ab12.tmp``, ``.model.tmp``): never a result, never read, safe to delete."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    import shutil
+
+    for path in run_dir.iterdir() if run_dir.is_dir() else []:
+        if _is_temporary(path.name):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 def _run_state(run_dir: Path) -> str:
     """'new', 'unfinished' (a checkpoint, no summary) or 'finished'."""
     summary = run_dir / "summary.json"
@@ -215,7 +237,11 @@ def _run_state(run_dir: Path) -> str:
             pass
     if (run_dir / "checkpoint.pt").exists():
         return "unfinished"
-    foreign = [p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES] if run_dir.is_dir() else []
+    foreign = (
+        [p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES and not _is_temporary(p.name)]
+        if run_dir.is_dir()
+        else []
+    )
     if foreign:
         raise BudgetKDError(
             f"{run_dir} is not empty and holds no budgetkd run (found {sorted(foreign)[0]!r}); choose a new --out"
@@ -606,7 +632,13 @@ class Pretrainer:
                 finite = math.isfinite(loss)
                 if finite:
                     if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+                        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+                    else:
+                        norm = _grad_norm(self.module)
+                    # a finite loss can still back-propagate to non-finite gradients (an overflow):
+                    # applying them would put NaN weights into the next checkpoint
+                    finite = bool(torch.isfinite(norm))
+                if finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -618,7 +650,7 @@ class Pretrainer:
                 if not finite:
                     if cfg.on_nonfinite == "stop":
                         raise BudgetKDError(
-                            f"non-finite loss ({loss}) at step {step}; the last good checkpoint is kept in "
+                            f"non-finite loss or gradients (loss {loss}) at step {step}; the last good checkpoint is kept in "
                             f"{self.run_dir} (lower the learning rate, or set on_nonfinite: skip)"
                         )
                     self.skipped_steps += 1
@@ -728,6 +760,8 @@ def pretrain(config: TrainConfig, resume: bool = False) -> dict:
         raise BudgetKDError(f"--out {run_dir} exists and is not a directory")
     _run_state(run_dir)  # refuses a foreign, non-empty directory before the lock file is put in it
     with locked(run_dir, enabled=dist_utils.rank() == 0):
+        if dist_utils.rank() == 0:
+            _remove_temporaries(run_dir)  # left by a process killed in the middle of a write
         return Pretrainer(config, resume=resume).pretrain()
 
 

@@ -80,7 +80,9 @@ def check_glue_dir(glue_dir: str | Path) -> Path:
     return path
 
 
-def load_local(task: GlueTask, glue_dir: str | Path) -> GlueData:
+def check_local_files(task: GlueTask, glue_dir: str | Path) -> Path:
+    """The task's folder in ``glue_dir``, after checking (without reading them) that its training
+    file and primary dev files exist: cheap enough to run before hours of pretraining."""
     root = check_glue_dir(glue_dir)
     folder = root / task.folder
     if not folder.is_dir():
@@ -90,6 +92,16 @@ def load_local(task: GlueTask, glue_dir: str | Path) -> GlueData:
     train_path = folder / task.train_file
     if not train_path.is_file():
         raise BudgetKDError(f"GLUE {task.name} training file not found: {train_path}")
+    for split in task.dev_splits:
+        if split.primary and not (folder / split.file).is_file():
+            raise BudgetKDError(f"GLUE {task.name} dev file not found: {folder / split.file}")
+    return folder
+
+
+def load_local(task: GlueTask, glue_dir: str | Path) -> GlueData:
+    root = check_glue_dir(glue_dir)
+    folder = check_local_files(task, root)
+    train_path = folder / task.train_file
     train = read_tsv(task, train_path, "train")
     dev: dict[str, GlueSplit] = {}
     missing: list[DevSplit] = []

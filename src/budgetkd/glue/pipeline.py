@@ -12,6 +12,7 @@ Outputs under ``out_dir`` (locked with :func:`budgetkd.io.locked` while running)
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -79,6 +80,36 @@ def fingerprint_model_dir(path: Path) -> str:
     files = {p.name for pattern in _WEIGHT_PATTERNS for p in path.glob(pattern)}
     files |= {name for name in _FINGERPRINT_FILES if (path / name).is_file()}
     return sha256_json({name: sha256_file(path / name) for name in sorted(files)})
+
+
+def check_same_model(out: Path, model_fp: str) -> None:
+    """Refuse an output directory that holds GLUE results (glue.json or run files) of another model:
+    they would be overwritten one by one. Results of the same model with another recipe, grid or
+    data are a cache and stay reusable (a run file with another fingerprint is recomputed)."""
+    glue = _read_json_object(out / "glue.json")
+    found = [(out / "glue.json", glue.get("model_fingerprint"), glue.get("model"))] if glue else []
+    for path in sorted((out / "runs").glob("*/*.json")) if (out / "runs").is_dir() else []:
+        if path.name.endswith(".predictions.json"):
+            continue
+        record = _read_json_object(path)
+        inputs = record.get("fingerprint_inputs") if record else None
+        if isinstance(inputs, dict):
+            found.append((path, inputs.get("model"), None))
+    for path, fingerprint, model in found:
+        if fingerprint is not None and fingerprint != model_fp:
+            which = f"{model}, " if model else ""
+            raise BudgetKDError(
+                f"--out {out} holds the GLUE results of another model ({which}{path.relative_to(out)}); "
+                "choose another --out"
+            )
+
+
+def _read_json_object(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _positive_or_none(value: int | None, flag: str) -> int | None:
@@ -174,6 +205,7 @@ def run_glue(
 
     with locked(out):
         model_fp = fingerprint_model_dir(model_path)
+        check_same_model(out, model_fp)
         tokenizer = finetune.load_tokenizer(model_path)
         # Read (and so validate) every task's files before the first hour of training.
         all_data = {task.name: load_task(task, glue_dir=glue_dir, hub=hub) for task in task_list}
