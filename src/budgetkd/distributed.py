@@ -44,7 +44,8 @@ def init_if_launched(timeout_s: float = 1800.0) -> None:
     if not launched_by_torchrun() or dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        if local_rank() < torch.cuda.device_count():  # more CPU ranks than GPUs: --device cpu
+            torch.cuda.set_device(local_rank())
         backend = "cuda:nccl,cpu:gloo"
     else:
         backend = "gloo"
