@@ -77,17 +77,27 @@ def local_rank() -> int:
 def wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
     """DDP around what trains (student + projections); the teacher is never wrapped.
 
-    ``broadcast_buffers=False``: a BERT's only buffers are the constant ``position_ids`` /
-    ``token_type_ids`` tables, identical on every rank, so re-broadcasting them before each
-    synchronised forward (DDP's default) is a collective per step that buys nothing.
+    No buffer sync in forward (``forward_sync_buffers=False``, formerly ``broadcast_buffers``): a
+    BERT's only buffers are the constant ``position_ids`` / ``token_type_ids`` tables, identical on
+    every rank, so re-broadcasting them before each synchronised forward (DDP's default) is a
+    collective per optimizer step that buys nothing.
     """
     if not is_distributed():
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
+    # torch ≥ 2.13 names it forward_sync_buffers (and warns about the old name)
+    arguments = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in arguments
+        else {"broadcast_buffers": False}
+    )
     return DistributedDataParallel(
-        module, device_ids=device_ids, find_unused_parameters=find_unused, broadcast_buffers=False
+        module, device_ids=device_ids, find_unused_parameters=find_unused, **no_buffer_sync
     )
 
 
