@@ -151,6 +151,17 @@ class TeacherRunner:
         self.teacher = teacher
         self.strategy = strategy
         self.device = device
+        if device.type == "cuda":
+            # The forward runs under bf16 autocast, which re-casts every fp32 weight at every call
+            # (its cast cache keeps only tensors that require grad). Casting the Linear layers once
+            # gives bitwise the same outputs (autocast casts them to exactly these values) without
+            # the per-forward casts, at half their memory. The decoder tied to the word embeddings
+            # stays fp32 (casting it would cast the embedding table too), as do LayerNorm and the
+            # embeddings, which autocast keeps in fp32.
+            tied = teacher.encoder.get_input_embeddings().weight
+            for module in teacher.model.modules():
+                if isinstance(module, nn.Linear) and module.weight is not tied:
+                    module.to(torch.bfloat16)
         self.capture = Capture(teacher.encoder, strategy.teacher_spec())
 
     def __call__(self, input_ids, attention_mask, labels) -> tuple[dict, torch.Tensor | None]:
@@ -258,6 +269,7 @@ class Pretrainer:
         self.run_dir = Path(config.out)
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
+        self.prefetcher: dist_utils.Prefetcher | None = None  # CUDA: set while the loop runs
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -373,7 +385,13 @@ class Pretrainer:
             or any(s != self.student_shape_layers - 1 for s, _ in self.strategy.layer_pairs),
         )
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            # Compile the encoders in place (state-dict names, hooks and DDP stay as they are).
+            # Their inputs have static shapes [micro-batch, L]; the sparse MLM head and the losses
+            # see a different number of masked positions every micro-batch and stay eager, so no
+            # step pays a recompilation (the uncharged warm-up step compiles what training runs).
+            self.module.student.bert.compile(dynamic=False)
+            if self.teacher is not None:
+                self.teacher.encoder.compile(dynamic=False)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.module, cfg.weight_decay),
             lr=self.lr,
@@ -524,7 +542,9 @@ class Pretrainer:
         """One optimizer step. Returns (loss, components, teacher seconds, predicted count)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = self.batches.micro_batches(step)
+        micro_batches = (
+            self.prefetcher.get(step) if self.prefetcher is not None else self.batches.micro_batches(step)
+        )
         # Normalisers over the *global* batch, so the gradient does not depend on how the batch
         # is cut into micro-batches or processes (exact for mean-over-predicted-token losses).
         counts = torch.tensor(
@@ -619,6 +639,10 @@ class Pretrainer:
         progress = _progress(self.is_main and cfg.progress, self.budget, self.meter)
         last_checkpoint = time.perf_counter()
         step_flops_cache: dict[int, tuple[float, float]] = {}
+        if self.device.type == "cuda":
+            # the next steps' micro-batches are gathered, masked and pinned in a background thread
+            # (a step's batch is a function of its number only: results do not change)
+            self.prefetcher = dist_utils.Prefetcher(self.batches, start_step=self.meter.steps, pin=True)
         try:
             while not self.meter.exhausted(self.budget):
                 if cfg.max_epochs is not None:
@@ -686,6 +710,9 @@ class Pretrainer:
                     self.save_checkpoint()
                     last_checkpoint = time.perf_counter()
         finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+                self.prefetcher = None
             progress.close()
         self._record_eval(writer, final=True)
         self.save_checkpoint()
