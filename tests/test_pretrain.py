@@ -144,6 +144,32 @@ def test_micro_batch_split_does_not_change_training(make_config, tmp_path):
         torch.testing.assert_close(whole[key], split[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
+def test_pretraining_dropout_applies_to_training_but_not_to_the_exported_config(make_config, tmp_path):
+    """``dropout`` changes every dropout of the student while it trains (train-mode forwards are
+    then deterministic), but the exported config keeps BERT's 0.1 so that GLUE fine-tunes every
+    student with the same dropout whatever its pretraining used (SPEC §4)."""
+    import json
+
+    trainer = Pretrainer(make_config(tmp_path / "probe", dropout=0.0))
+    trainer.setup()
+    student = trainer.module.student
+    student.train()
+    ids = torch.randint(5, VOCAB, (2, 16))
+    mask = torch.ones_like(ids)
+    first, second = (encode(student.bert, ids, mask) for _ in range(2))
+    assert torch.equal(first, second)
+    default = Pretrainer(make_config(tmp_path / "default"))
+    default.setup()
+    default.module.student.train()
+    a, b = (encode(default.module.student.bert, ids, mask) for _ in range(2))
+    assert not torch.equal(a, b)  # BERT's 0.1: two train-mode forwards differ
+
+    pretrain(make_config(tmp_path / "run", budget="1steps", dropout=0.0))
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.1
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["dropout"] == 0.0
+
+
 def test_default_micro_batch_accepts_any_batch_size(make_config, tmp_path):
     summary = pretrain(make_config(tmp_path / "run", budget="1steps", batch_size=80))
     assert summary["consumed"]["sequences"] == 80

@@ -135,6 +135,20 @@ def create_student(arch: Architecture, vocab_size: int, seq_len: int, special_id
     return model
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of ``model`` to ``p`` at run time, leaving its config alone.
+
+    ``nn.Dropout`` modules cover the embeddings, hidden states and (transformers 5) the attention
+    probabilities, whose SDPA call reads ``module.dropout.p``; transformers 4's SDPA attention
+    reads a ``dropout_prob`` attribute copied from the config at construction instead.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "dropout_prob", None), float):
+            module.dropout_prob = p
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 over every parameter and buffer (names, shapes and bytes)."""
     digest = hashlib.sha256()

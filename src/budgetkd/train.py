@@ -43,6 +43,7 @@ from budgetkd.models import (
     load_teacher,
     predicted_positions,
     resolve_architecture,
+    set_dropout,
     sparse_mlm_logits,
     weights_fingerprint,
 )
@@ -320,11 +321,11 @@ class Pretrainer:
             self.arch, self.data.vocab_size, self.seq_len, self.data.special_ids, cfg.seed
         )
         if cfg.dropout is not None:
-            for module in self.student.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = cfg.dropout
-            self.student.config.hidden_dropout_prob = cfg.dropout
-            self.student.config.attention_probs_dropout_prob = cfg.dropout
+            # Pretraining dropout is a property of this run (run_config.json), not of the model:
+            # only the modules change. The config keeps BERT's 0.1, so the exported model is
+            # fine-tuned with the same dropout whatever the pretraining used (SPEC §4: identical
+            # fine-tuning recipe).
+            set_dropout(self.student, cfg.dropout)
         if self.seq_len > self.student.config.max_position_embeddings:
             raise BudgetKDError(f"seq_len {self.seq_len} exceeds the student's position embeddings")
         self.init_fingerprint = weights_fingerprint(self.student)
