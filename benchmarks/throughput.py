@@ -441,12 +441,6 @@ def format_table(rows: dict[str, dict], peak: float) -> str:
             text = "-" if value is None else f"{value * scale:{fmt}}{suffix}"
             cells.append(f"{text:>{width}}")
         lines.append(f"{row['row']:<10}" + "".join(cells))
-    lines.append(
-        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s. quiet: timed steps counted (the others ran while "
-        "other processes were busy); others: cores other processes used (mean over the timed steps). "
-        "T/S GFLOP/s: the teacher forward's and the student side's FLOP rates; adj pred: the FLOP "
-        "prediction with the teacher's FLOPs at T and the student's at No-KD's rate (diagnostic)"
-    )
     return "\n".join(lines)
 
 
@@ -487,7 +481,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument(
-        "--dropout", type=float, default=None, help="student dropout, every row (default: BERT's 0.1)"
+        "--dropout",
+        type=float,
+        nargs="+",
+        default=[None],
+        metavar="P",
+        help="student dropout of every row; several values measure every row at each, one table "
+        "each (default: BERT's 0.1)",
+    )
+    parser.add_argument(
+        "--min-speedup", type=float, default=2.0, help="check: No-KD tokens/s ÷ HF recipe tokens/s ≥ this"
+    )
+    parser.add_argument(
+        "--kd-tolerance",
+        type=float,
+        default=0.15,
+        help="check: |KD slowdown measured ÷ its FLOP prediction − 1| ≤ this",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -505,6 +514,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _dropout_label(dropout: float | None) -> str:
+    return "BERT's 0.1" if dropout is None else f"{dropout:g}"
+
+
+def measure_rows(args, dropout: float | None, device: torch.device, base: Path) -> dict[str, dict]:
+    """Every row (``--repeats`` times, interleaved) at one student dropout; per-row medians."""
+    args = argparse.Namespace(**{**vars(args), "dropout": dropout})
+    order = [r for r in ALL_ROWS if r in args.strategies]
+    repeats: dict[str, list[dict]] = {r: [] for r in order}
+    tag = f"dropout {_dropout_label(dropout)}"
+    for repeat in range(args.repeats):
+        for row in order:
+            best = None
+            for attempt in range(args.retries + 1):
+                print(f"[{tag}, {repeat + 1}/{args.repeats}] {row} …", file=sys.stderr, flush=True)
+                wait_until_quiet(args.max_other_cores, args.quiet_wait_s)
+                if row == "hf":
+                    raw = run_hf(args, device)
+                else:
+                    work = base / f"d{_dropout_label(dropout).replace(' ', '_')}-r{repeat}-a{attempt}"
+                    raw = run_budgetkd(args, row, device, work)
+                result = summarise(raw, args.warmup_steps, args.max_other_cores)
+                result["attempts"] = attempt + 1
+                if best is None or result["steps_quiet"] > best["steps_quiet"]:
+                    best = result
+                if result["steps_quiet"] >= args.min_quiet_fraction * args.steps:
+                    break
+                print(
+                    f"  only {result['steps_quiet']}/{args.steps} timed steps ran on a quiet machine"
+                    + ("; measuring the row again" if attempt < args.retries else "; kept the best attempt"),
+                    file=sys.stderr,
+                )
+            repeats[row].append(best)
+    return {r: _median_rows(repeats[r]) for r in order}
+
+
+def checks(rows: dict[str, dict], min_speedup: float, kd_tolerance: float) -> list[dict]:
+    """The acceptance figures: No-KD's speed-up over the HF recipe, and each KD row's measured
+    slowdown against its FLOP prediction (|measured / predicted − 1| ≤ tolerance)."""
+    out = []
+    if "none" in rows and "speedup_vs_hf" in rows["none"]:
+        value = rows["none"]["speedup_vs_hf"]
+        out.append(
+            {
+                "check": "none vs hf",
+                "value": value,
+                "limit": f">= {min_speedup:g}",
+                "ok": value >= min_speedup,
+            }
+        )
+    for name, row in rows.items():
+        if "kd_ratio_error" in row:
+            value = row["kd_ratio_error"]
+            out.append(
+                {
+                    "check": f"{name} slowdown vs FLOPs",
+                    "value": value,
+                    "limit": f"|error| <= {kd_tolerance:.0%}",
+                    "ok": abs(value) <= kd_tolerance,
+                }
+            )
+    return out
+
+
+def format_checks(results: list[dict]) -> str:
+    lines = []
+    for c in results:
+        shown = f"{c['value']:+.1%}" if "slowdown" in c["check"] else f"{c['value']:.2f}x"
+        lines.append(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['check']}: {shown} (limit {c['limit']})")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
@@ -519,55 +600,43 @@ def main(argv=None) -> int:
     )
     wait_until_quiet(args.max_other_cores, args.quiet_wait_s)
     peaks = [matmul_peak(device, args.matmul_size)]
-    order = [r for r in ALL_ROWS if r in args.strategies]
-    repeats: dict[str, list[dict]] = {r: [] for r in order}
+    measured: list[tuple[float | None, dict[str, dict]]] = []
     with contextlib.ExitStack() as stack:
         if args.work_dir is None:
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="budgetkd-bench-")))
         else:
             base = args.work_dir
             base.mkdir(parents=True, exist_ok=True)
-        for repeat in range(args.repeats):
-            for row in order:
-                best = None
-                for attempt in range(args.retries + 1):
-                    print(f"[{repeat + 1}/{args.repeats}] {row} …", file=sys.stderr, flush=True)
-                    wait_until_quiet(args.max_other_cores, args.quiet_wait_s)
-                    if row == "hf":
-                        raw = run_hf(args, device)
-                    else:
-                        raw = run_budgetkd(args, row, device, base / f"r{repeat}-a{attempt}")
-                    result = summarise(raw, args.warmup_steps, args.max_other_cores)
-                    result["attempts"] = attempt + 1
-                    if best is None or result["steps_quiet"] > best["steps_quiet"]:
-                        best = result
-                    if result["steps_quiet"] >= args.min_quiet_fraction * args.steps:
-                        break
-                    print(
-                        f"  only {result['steps_quiet']}/{args.steps} timed steps ran on a quiet machine"
-                        + (
-                            "; measuring the row again"
-                            if attempt < args.retries
-                            else "; kept the best attempt"
-                        ),
-                        file=sys.stderr,
-                    )
-                result = best
-                repeats[row].append(result)
+        for dropout in args.dropout:
+            measured.append((dropout, measure_rows(args, dropout, device, base)))
     wait_until_quiet(args.max_other_cores, args.quiet_wait_s)
     peaks.append(matmul_peak(device, args.matmul_size))  # the best of both: a peak is a maximum
     peak = max(peaks)
     load_after = machine_load()
-    rows = {r: _median_rows(repeats[r]) for r in order}
-    finish(rows, peak)
-    print(format_table(rows, peak))
+    settings = []
+    for dropout, rows in measured:
+        finish(rows, peak)
+        results = checks(rows, args.min_speedup, args.kd_tolerance)
+        print(f"\nstudent dropout {_dropout_label(dropout)} (every row)")
+        print(format_table(rows, peak))
+        if results:
+            print(format_checks(results))
+        settings.append({"dropout": dropout, "rows": rows, "checks": results})
+    print(
+        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s. quiet: timed steps counted (the others ran while "
+        "other processes were busy); others: cores other processes used (mean over the timed steps). "
+        "T/S GFLOP/s: the teacher forward's and the student side's FLOP rates; adj pred: the FLOP "
+        "prediction with the teacher's FLOPs at T and the student's at No-KD's rate (diagnostic)"
+    )
     print(
         f"machine load after: loadavg {load_after['loadavg_1_5_15']}, other processes using "
         f"{load_after['other_processes_cores']} cores",
     )
     if args.json:
         result = {
-            "rows": rows,
+            "rows": settings[0]["rows"],  # the first --dropout setting
+            "checks": settings[0]["checks"],
+            "by_dropout": settings,
             "matmul_peak_flops_per_s": peak,
             "matmul_peak_measurements": peaks,
             "matmul_size": args.matmul_size,
@@ -585,7 +654,9 @@ def main(argv=None) -> int:
 
         result["versions"]["transformers"] = transformers.__version__
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.json)
     return 0
 
 

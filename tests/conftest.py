@@ -21,7 +21,14 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The test modules that use these fixtures; the thread setting below applies to them only.
-OUR_MODULES = {"test_data", "test_budget_flops", "test_pretrain", "test_strategies", "test_cli_errors"}
+OUR_MODULES = {
+    "test_data",
+    "test_budget_flops",
+    "test_pretrain",
+    "test_strategies",
+    "test_cli_errors",
+    "test_benchmark",
+}
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CORPUS = SHARED_DATA / "corpus"
