@@ -248,3 +248,26 @@ def test_killed_pretraining_stage_resumes_to_the_same_weights(finished, tmp_path
     # the GLUE table is identical; the budget table below it differs only in measured seconds
     main_table = lambda path: path.read_text().split("## Budget accounting")[0]  # noqa: E731
     assert main_table(copy_dir / "table.md") == main_table(out / "table.md")
+
+
+def test_the_teacher_stage_checkpoints_like_every_other_stage(tmp_path, monkeypatch):
+    """training.checkpoint_interval_s / checkpoint_every_steps reach the teacher's pretraining,
+    often the longest stage, as they reach the calibration and KD runs."""
+    from budgetkd.experiment import Experiment
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(self, config, stage):
+        seen[stage] = config
+        raise Stop
+
+    monkeypatch.setattr(Experiment, "_pretrain", capture)
+    config = _with(base_config(), "training.checkpoint_every_steps", 3)
+    config = _with(config, "training.checkpoint_interval_s", 42.0)
+    with pytest.raises(Stop):
+        compare(_write(tmp_path, config), tmp_path / "out", progress=False)
+    teacher = seen["teacher"]
+    assert (teacher.checkpoint_every_steps, teacher.checkpoint_interval_s) == (3, 42.0)

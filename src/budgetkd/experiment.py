@@ -271,6 +271,9 @@ class Experiment:
                         seed=cfg["seed"] + 1000,
                         num_evals=cfg["training"]["num_evals"],
                         eval_sequences=cfg["training"]["eval_sequences"],
+                        # the teacher is often the longest stage: checkpoint it like the others
+                        checkpoint_interval_s=cfg["training"]["checkpoint_interval_s"],
+                        checkpoint_every_steps=cfg["training"]["checkpoint_every_steps"],
                         device=cfg["training"]["device"],
                         progress=self.progress,
                     )
