@@ -191,11 +191,8 @@ def prepared(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "teacher": root / "teacher"}
 
 
-@pytest.fixture(scope="module")
-def ddp(prepared) -> dict:
-    """Launch this file's worker under torchrun with 2 CPU processes; return both reports."""
-    work = prepared["root"] / "ddp"
-    work.mkdir()
+def _torchrun(args: list[str], timeout: float = 240) -> str:
+    """``torchrun --nproc_per_node 2 ARGS`` on CPU (gloo); fails the test unless it exits 0."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -205,18 +202,27 @@ def ddp(prepared) -> dict:
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        __file__, "--worker", str(prepared["data"]), str(prepared["teacher"]), str(work),
+        *args,
     ]  # fmt: skip
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     try:
-        output, _ = process.communicate(timeout=240)
+        output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and its two workers, nothing else
         output, _ = process.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s:\n{output[-4000:]}")
+        pytest.fail(f"torchrun did not finish in {timeout:.0f} s:\n{output[-4000:]}")
     assert process.returncode == 0, f"torchrun failed (exit {process.returncode}):\n{output[-6000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def ddp(prepared) -> dict:
+    """Launch this file's worker under torchrun with 2 CPU processes; return both reports."""
+    work = prepared["root"] / "ddp"
+    work.mkdir()
+    output = _torchrun([__file__, "--worker", str(prepared["data"]), str(prepared["teacher"]), str(work)])
     reports = [json.loads((work / f"report-rank{r}.json").read_text()) for r in range(2)]
     return {"work": work, "reports": reports, "output": output}
 
@@ -387,6 +393,60 @@ def test_prefetcher_reraises_errors_in_the_caller(prepared):
     with pytest.raises(ValueError, match="broken step 1"):
         prefetcher.get(1)
     prefetcher.close()
+
+
+def test_compare_under_torchrun_matches_one_process(tmp_path):
+    """``torchrun … -m budgetkd compare`` runs the pretraining stages on both ranks and the rest
+    on rank 0, and reaches the single-process experiment: same budget, steps, tokens and FLOPs
+    per strategy (FLOP-calibrated, deterministic), the same No-KD student within float
+    tolerance, one table. (The KD students see a teacher pretrained with dropout, whose masks
+    depend on the process count, so only their consumption is compared.)"""
+    import torch
+    import yaml
+
+    from budgetkd.cli import main
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available")
+    config = {
+        "name": "ddp",
+        "data": {"inputs": [str(BOOK)], "tokenizer": {"train": VOCAB}, "seq_len": SEQ_LEN},
+        "teacher": {"pretrain": {"student": TEACHER, "budget": "4steps", "batch_size": 16}},
+        "student": STUDENT,
+        "strategies": ["none", "minilm"],
+        "budget": {"calibrate": {"strategy": "none", "epochs": 0.1, "currency": "flops"}},
+        "optimizer": {"batch_size": 16},
+        "training": {"num_evals": 1, "eval_sequences": 16, "dropout": 0.0},
+        "glue": {
+            "dir": str(SHARED_DATA / "glue"),
+            "tasks": ["rte"],
+            "grid": "lr=1e-4,bs=16",
+            "epochs": 1,
+            "max_train_examples": 16,
+            "max_eval_examples": 16,
+        },
+    }
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _torchrun(["-m", "budgetkd", "compare", str(path), "--out", str(tmp_path / "ddp"), "--no-progress"])
+    assert main(["compare", str(path), "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    for label in ("none", "minilm"):
+        got, want = (
+            json.loads((tmp_path / out / "runs" / label / "summary.json").read_text())
+            for out in ("ddp", "one")
+        )
+        assert (got["world_size"], want["world_size"]) == (2, 1)
+        for key in ("steps", "sequences", "tokens", "flops", "flops_teacher"):
+            assert got["consumed"][key] == want["consumed"][key], (label, key)
+        assert got["init_fingerprint"] == want["init_fingerprint"]
+    got, want = (_weights(tmp_path / out / "runs" / "none" / "model") for out in ("ddp", "one"))
+    for key in want:
+        torch.testing.assert_close(
+            got[key], want[key], rtol=1e-4, atol=5e-6, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    assert json.loads((tmp_path / "ddp" / "fairness.json").read_text())["ok"] is True
+    table = (tmp_path / "ddp" / "table.md").read_text()
+    assert "| No-KD |" in table and "| MiniLM |" in table
 
 
 def test_helpers_are_no_ops_without_torchrun(monkeypatch):
