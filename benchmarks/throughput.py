@@ -533,7 +533,8 @@ def measure_rows(args, dropout: float | None, device: torch.device, base: Path) 
                 if row == "hf":
                     raw = run_hf(args, device)
                 else:
-                    work = base / f"d{_dropout_label(dropout).replace(' ', '_')}-r{repeat}-a{attempt}"
+                    setting = "default" if dropout is None else f"{dropout:g}"
+                    work = base / f"dropout-{setting}-r{repeat}-a{attempt}"
                     raw = run_budgetkd(args, row, device, work)
                 result = summarise(raw, args.warmup_steps, args.max_other_cores)
                 result["attempts"] = attempt + 1
@@ -559,6 +560,7 @@ def checks(rows: dict[str, dict], min_speedup: float, kd_tolerance: float) -> li
         out.append(
             {
                 "check": "none vs hf",
+                "unit": "ratio",
                 "value": value,
                 "limit": f">= {min_speedup:g}",
                 "ok": value >= min_speedup,
@@ -570,6 +572,7 @@ def checks(rows: dict[str, dict], min_speedup: float, kd_tolerance: float) -> li
             out.append(
                 {
                     "check": f"{name} slowdown vs FLOPs",
+                    "unit": "relative error",
                     "value": value,
                     "limit": f"|error| <= {kd_tolerance:.0%}",
                     "ok": abs(value) <= kd_tolerance,
@@ -581,7 +584,7 @@ def checks(rows: dict[str, dict], min_speedup: float, kd_tolerance: float) -> li
 def format_checks(results: list[dict]) -> str:
     lines = []
     for c in results:
-        shown = f"{c['value']:+.1%}" if "slowdown" in c["check"] else f"{c['value']:.2f}x"
+        shown = f"{c['value']:+.1%}" if c["unit"] == "relative error" else f"{c['value']:.2f}x"
         lines.append(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['check']}: {shown} (limit {c['limit']})")
     return "\n".join(lines)
 
