@@ -211,6 +211,23 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def _quiet_loading():
+    """No progress bars and no load report: transformers prints a table of every checkpoint tensor
+    the model does not use (a BERT checkpoint's pooler and NSP head, loaded as an encoder-only or
+    MLM teacher) — expected, and the console keeps to budgetkd's own lines. What matters in that
+    report (weights the model lacks) :func:`load_teacher` says itself."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with _no_progress_bars():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teacher:
     """Load any HF BERT checkpoint as a frozen, eval-mode teacher.
 
@@ -246,16 +263,24 @@ def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teach
     else:
         has_head = bool(architectures & {"BertForMaskedLM", "BertForPreTraining"}) or not architectures
     try:
-        with _no_progress_bars():
+        with _quiet_loading():
             if has_head:
-                model = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+                model, info = BertForMaskedLM.from_pretrained(
+                    str(path), attn_implementation="sdpa", output_loading_info=True
+                )
             else:
-                model = BertModel.from_pretrained(
-                    str(path), attn_implementation="sdpa", add_pooling_layer=False
+                model, info = BertModel.from_pretrained(
+                    str(path), attn_implementation="sdpa", add_pooling_layer=False, output_loading_info=True
                 )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BudgetKDError(f"cannot load teacher {name_or_path}: {first[:200]}") from None
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if missing:
+        print(
+            f"budgetkd: note: teacher {name_or_path} lacks {len(missing)} weight(s) of its model "
+            f"(e.g. {missing[0]!r}); transformers initialised them randomly"
+        )
     model.eval()
     model.requires_grad_(False)
     model.to(device)

@@ -238,8 +238,6 @@ def step_flops(
 
 
 def _format_amount(value: float, currency: str) -> str:
-    if currency == "epochs":
-        return f"{value:.4g} epochs"
     return f"{value:.4g} {currency}"
 
 
@@ -487,41 +485,52 @@ class Pretrainer:
         self.check_data_limit()
 
     def check_data_limit(self) -> None:
-        """Refuse, before any compute, a budget in a currency known in advance (steps, tokens,
-        epochs, FLOPs) that cannot be spent within ``max_epochs`` of data (SPEC §1, "unlimited
-        data": the run would stop at the data limit with its learning rate never decayed).
+        """Set the data limit and refuse, before any compute, a budget in a currency known in
+        advance (steps, tokens, epochs, FLOPs) that cannot be spent within ``max_epochs`` of data
+        (SPEC §1, "unlimited data": such a run would stop at the data limit with its learning rate
+        never decayed).
 
-        The loop stops before the step that would cross ``max_epochs``, so at most
-        S = ⌊max_epochs · N / batch⌋ steps run. Tokens are bounded by S·batch·L. FLOPs are exact
-        when the MLM heads do not run; with them, the predicted count P of those steps is bounded
-        by 0.15·T + 6·√(0.15·0.85·T), T = S·batch·L (binomial masking, six standard deviations),
-        so a refused budget certainly needs more data, and one just below the bound stops at the
-        data limit at run time and says so.
+        The loop stops before the step that would cross ``max_epochs``: at most
+        S = ⌊max_epochs · N / batch⌋ steps (``self.data_limit_steps``). The one exception is an
+        epochs budget of at most ``max_epochs``: it is itself a data limit, and its last step
+        reaches past the epoch boundary by less than a batch as every epochs budget does (the
+        calibration's "one epoch"). Tokens are bounded by S·batch·L. FLOPs are exact when no MLM
+        head runs; with one, the predicted count of those S steps is bounded by
+        0.15·T + 6·√(0.15·0.85·T), T = S·batch·L (binomial masking, six standard deviations), so a
+        refused budget certainly needs more data, and one just below the bound stops at the data
+        limit at run time and says so (``stopped_by: data limit``).
         """
         cfg = self.config
+        self.data_limit_steps: int | None = None
         if cfg.max_epochs is None:
             return
-        max_steps = math.floor(cfg.max_epochs * self.data.num_train / cfg.batch_size + 1e-9)
-        max_tokens = max_steps * cfg.batch_size * self.seq_len
         currency, amount = self.budget.currency, self.budget.amount
         if currency == "epochs":
-            capacity = max_steps * cfg.batch_size / self.data.num_train
-        elif currency == "steps":
+            if amount > cfg.max_epochs * (1 + 1e-12):
+                raise BudgetKDError(
+                    f"budget {self.budget} needs more than {cfg.max_epochs:g} epoch(s) of data; with unlimited data "
+                    "a run never repeats the corpus — lower the budget or use data_setting: limited"
+                )
+            return
+        max_steps = math.floor(cfg.max_epochs * self.data.num_train / cfg.batch_size + 1e-9)
+        self.data_limit_steps = max_steps
+        max_tokens = max_steps * cfg.batch_size * self.seq_len
+        if currency == "steps":
             capacity = float(max_steps)
         elif currency == "tokens":
             capacity = float(max_tokens)
         elif currency == "flops":
             predicted = 0.15 * max_tokens + 6.0 * math.sqrt(0.15 * 0.85 * max_tokens)
-            per_step = self.step_flops(cfg.batch_size, max(1, round(predicted / max(1, max_steps))))
+            per_step = self.step_flops(cfg.batch_size, predicted / max(1, max_steps))
             capacity = max_steps * (per_step[0] + per_step[1])
         else:  # time: not known in advance; the loop stops at the data limit and says so
             return
         if amount > capacity * (1 + 1e-9):
             raise BudgetKDError(
                 f"budget {self.budget} needs more than {cfg.max_epochs:g} epoch(s) of data "
-                f"({self.data.num_train} training sequences, batch {cfg.batch_size}: at most "
-                f"{_format_amount(capacity, currency)} fit); with unlimited data a run never repeats "
-                "the corpus — lower the budget or use data_setting: limited"
+                f"({self.data.num_train} training sequences in batches of {cfg.batch_size}: at most "
+                f"{max_steps} steps, {_format_amount(capacity, currency)}); with unlimited data a run never "
+                "repeats the corpus — lower the budget or use data_setting: limited"
             )
 
     # -- FLOPs of one step ------------------------------------------------------------------------
@@ -858,10 +867,8 @@ class Pretrainer:
             self.prefetcher = dist_utils.Prefetcher(self.batches, start_step=self.meter.steps, pin=True)
         try:
             while not self.meter.exhausted(self.budget):
-                if cfg.max_epochs is not None:
-                    next_sequences = self.meter.sequences + cfg.batch_size
-                    if next_sequences / self.data.num_train > cfg.max_epochs + 1e-12:
-                        break
+                if self.data_limit_steps is not None and self.meter.steps >= self.data_limit_steps:
+                    break  # the next step would cross max_epochs (the data limit, SPEC §1)
                 step = self.meter.steps
                 lr = learning_rate(self.lr, self.meter.fraction(self.budget), cfg.warmup)
                 started = time.perf_counter()
