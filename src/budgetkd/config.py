@@ -15,7 +15,8 @@ Schema (defaults in brackets)::
       validation_fraction: float                [0.01]
     teacher:                                    (required unless every strategy is none)
       path: PATH_OR_HUB_ID                      one of path / pretrain
-      pretrain: {student: ARCH, budget: BUDGET, batch_size: int, lr: float, micro_batch_size: int}
+      pretrain: {student: ARCH, budget: BUDGET, batch_size: int, lr: float, micro_batch_size: int,
+                 dropout: float [null = BERT's 0.1]}
     student: PRESET | {layers, hidden, heads, intermediate}    (required)
     strategies: [none | vanilla | … | {name: …, lr: float, options: {…}}, …]   (required)
     budget:                                     exactly one of calibrate / explicit
@@ -303,7 +304,14 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
         else:
             block = _merge(
                 teacher["pretrain"],
-                {"student": None, "budget": None, "batch_size": None, "micro_batch_size": None, "lr": 1e-3},
+                {
+                    "student": None,
+                    "budget": None,
+                    "batch_size": None,
+                    "micro_batch_size": None,
+                    "lr": 1e-3,
+                    "dropout": None,
+                },
                 "teacher.pretrain",
             )
             if block["student"] is None or block["budget"] is None:
@@ -313,6 +321,7 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
             _check(block["batch_size"], int, "teacher.pretrain.batch_size", optional=True)
             _check(block["micro_batch_size"], int, "teacher.pretrain.micro_batch_size", optional=True)
             _check(block["lr"], float, "teacher.pretrain.lr")
+            _check(block["dropout"], float, "teacher.pretrain.dropout", optional=True)
             cfg["teacher"] = {"pretrain": block}
     if tok == "teacher" and cfg["teacher"] is None:
         raise BudgetKDError(

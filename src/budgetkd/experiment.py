@@ -268,6 +268,7 @@ class Experiment:
                         batch_size=block["batch_size"] or opt["batch_size"],
                         micro_batch_size=block["micro_batch_size"],
                         lr=block["lr"],
+                        dropout=block["dropout"],
                         seed=cfg["seed"] + 1000,
                         num_evals=cfg["training"]["num_evals"],
                         eval_sequences=cfg["training"]["eval_sequences"],
@@ -290,7 +291,8 @@ class Experiment:
 
         # calibration ---------------------------------------------------------------------------
         budget_cfg = cfg["budget"]
-        max_epochs_kd = 1.0 if cfg["data_setting"] == "unlimited" else None
+        # "unlimited data" binds every strategy alike, No-KD included (SPEC §1)
+        max_epochs = 1.0 if cfg["data_setting"] == "unlimited" else None
         by_label = {s["label"]: s for s in cfg["strategies"]}
         summaries: dict[str, dict] = {}
         calibration_label = None
@@ -310,7 +312,7 @@ class Experiment:
                 budget=f"{cal['epochs']}epochs",
                 out=self.out / "runs" / label,
                 teacher=None,
-                max_epochs=None,
+                max_epochs=max_epochs,
             )
             fp_cal = sha256_json({"train": config.identity(), "data": fp_data, "calibrate": cal})
             result = book.done("calibrate", fp_cal, self.forced)
@@ -338,15 +340,12 @@ class Experiment:
             label = strategy["label"]
             if label == calibration_label:
                 continue
-            from budgetkd.strategies import REGISTRY
-
-            kd = REGISTRY[strategy["name"]].needs_teacher
             config = self._train_config(
                 strategy=strategy,
                 budget=budget,
                 out=self.out / "runs" / label,
                 teacher=teacher_path,
-                max_epochs=max_epochs_kd if kd else None,
+                max_epochs=max_epochs,
             )
             stage = f"pretrain:{label}"
             fp = sha256_json(
