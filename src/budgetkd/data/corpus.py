@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from itertools import chain
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from budgetkd.errors import BudgetKDError

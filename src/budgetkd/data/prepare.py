@@ -272,7 +272,6 @@ def prepare_dataset(
             "num_valid_tokens": writers["valid"].real_tokens,
             "num_document_tokens": int(lengths.sum()),
             "prepare_seconds": round(time.perf_counter() - started, 2),
-
         }
         atomic_write_json(tmp / "meta.json", meta)
         if out_dir.exists():
