@@ -53,6 +53,12 @@ def _add_prepare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=_positive_int, default=128)
     parser.add_argument("--validation-fraction", type=_float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="tokenizing processes (default: every available core; the output does not depend on it)",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -68,6 +74,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         seed=args.seed,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(
         f"prepared {args.out}: {meta['num_documents']} documents, {meta['num_train_sequences']} train / "

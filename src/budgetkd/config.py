@@ -9,7 +9,9 @@ Schema (defaults in brackets)::
     name: str                                   [the file's stem]
     seed: int                                   [0]   student init, dropout, data order, masks
     data:
-      inputs: [PATH | hf:NAME[:CONFIG][:SPLIT], …]        (required)
+      inputs: [PATH | hf:NAME[:CONFIG][:SPLIT], …]        (required, unless prepared)
+      prepared: DIR                             [null] a `budgetkd prepare` output to use as is
+                                                (its tokenizer and seq_len are checked first)
       tokenizer: teacher | PATH_OR_HUB_ID | {train: VOCAB_SIZE}   [teacher]
       seq_len: int                              [128]
       validation_fraction: float                [0.01]
@@ -24,7 +26,9 @@ Schema (defaults in brackets)::
       explicit: BUDGET                          e.g. 4h, 2.5e15flops
     data_setting: unlimited | limited           [unlimited]: a KD run never starts a 2nd epoch
     optimizer:
-      batch_size [1024], micro_batch_size [null], lr_no_kd [1e-3], lr_kd [5e-4], warmup [0.06],
+      batch_size [1024] (global), micro_batch_size [null → 64] (the most one device holds; the
+      per-process micro-batch is its largest divisor ≤ this, see data.dataset.resolve_micro_batch),
+      lr_no_kd [1e-3], lr_kd [5e-4], warmup [0.06],
       weight_decay [0.01], adam_betas [[0.9, 0.98]], adam_eps [1e-6], max_grad_norm [0]
     training: {num_evals [10], eval_sequences [512], dropout [null], fixed_mask_count [false],
                device [auto], checkpoint_interval_s [600], checkpoint_every_steps [0],
@@ -81,7 +85,13 @@ GLUE_DEFAULTS = {
     "save_predictions": True,
     "device": "auto",
 }
-DATA_DEFAULTS = {"inputs": None, "tokenizer": "teacher", "seq_len": 128, "validation_fraction": 0.01}
+DATA_DEFAULTS = {
+    "inputs": None,
+    "prepared": None,
+    "tokenizer": "teacher",
+    "seq_len": 128,
+    "validation_fraction": 0.01,
+}
 TOP_KEYS = {
     "name",
     "seed",
@@ -208,12 +218,20 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     # data
     data = _merge(raw.get("data"), DATA_DEFAULTS, "data")
     inputs = data["inputs"]
-    if inputs is None:
-        raise BudgetKDError("config key 'data.inputs' is required (corpus files, folders or hf:NAME)")
+    _check(data["prepared"], str, "data.prepared", optional=True)
+    if inputs is None and data["prepared"] is not None:
+        inputs = []  # a dataset prepared once (budgetkd prepare), shared by many experiments
+    elif inputs is None:
+        raise BudgetKDError(
+            "config key 'data.inputs' is required (corpus files, folders or hf:NAME), "
+            "or 'data.prepared: DIR' (a budgetkd prepare output)"
+        )
+    elif data["prepared"] is not None:
+        raise BudgetKDError("config keys 'data.inputs' and 'data.prepared' exclude each other; give one")
     if isinstance(inputs, str):
         inputs = [inputs]
     _check(inputs, list, "data.inputs")
-    if not inputs:
+    if not inputs and data["prepared"] is None:
         raise BudgetKDError("config key 'data.inputs' must not be empty")
     for i, item in enumerate(inputs):
         _check(item, str, f"data.inputs[{i}]")

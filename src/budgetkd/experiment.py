@@ -71,14 +71,62 @@ class StageBook:
             atomic_write_json(self.path, self.state)
 
 
+DATA_FAILED_MARKER = ".data-stage-failed.json"
+
+
+def launch_id() -> str:
+    """What tells this torchrun launch from an earlier one (same on every rank of a launch)."""
+    import os
+
+    return ":".join(
+        os.environ.get(key, "")
+        for key in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    )
+
+
+def wait_for_stage(
+    out: Path, stage: str, fingerprint: str, failed: Path, *, newer_than: float = 0.0, poll_s: float = 2.0
+) -> None:
+    """Block until ``stage`` is recorded finished with ``fingerprint`` in ``out/state.json``
+    (written atomically by rank 0), or raise rank 0's error from the ``failed`` marker of this
+    launch. No collective, hence no timeout: preparing 5 B tokens may take hours. ``newer_than``
+    (a time): ignore an older record (a forced stage that rank 0 has yet to forget)."""
+    state = out / "state.json"
+    me = launch_id()
+    while True:
+        if state.exists():
+            try:
+                entry = read_json(state, "experiment state").get("stages", {}).get(stage)
+            except BudgetKDError:
+                entry = None  # being replaced right now: read it again
+            if (
+                entry is not None
+                and entry.get("fingerprint") == fingerprint
+                and entry.get("finished_at", 0.0) >= newer_than
+            ):
+                return
+        if failed.exists():
+            try:
+                record = read_json(failed, "failure marker")
+            except BudgetKDError:
+                record = {}
+            if record.get("launch") == me:
+                raise BudgetKDError(f"rank 0 failed in stage {stage}: {record.get('error')}")
+        time.sleep(poll_s)
+
+
 class Experiment:
     def __init__(self, cfg: dict, out: Path, force: list[str] | None = None, progress: bool = True):
         self.cfg = cfg
         self.out = out
         self.progress = progress
         self.is_main = dist_utils.rank() == 0
+        self.started = time.time()
         self.forced = set(force or [])
         self.labels = [s["label"] for s in cfg["strategies"]]
+        # a dataset prepared once (data.prepared) is used in place; otherwise DIR/data
+        prepared = cfg["data"].get("prepared")
+        self.data_dir = Path(prepared) if prepared else out / "data"
         valid = (
             {"data", "teacher", "calibrate", "report"}
             | {f"pretrain:{x}" for x in self.labels}
@@ -130,7 +178,7 @@ class Experiment:
         kd = REGISTRY[strategy["name"]].needs_teacher
         lr = strategy["lr"] if strategy["lr"] is not None else (opt["lr_kd"] if kd else opt["lr_no_kd"])
         return TrainConfig(
-            data=str(self.out / "data"),
+            data=str(self.data_dir),
             out=str(out),
             student=self.cfg["student"],
             strategy=strategy["name"],
@@ -186,6 +234,46 @@ class Experiment:
             return [self.out / "glue" / label]
         return []
 
+    def _prepare_data(self, data_cfg: dict, tokenizer, train_vocab, fp_data: str, book: StageBook) -> None:
+        """Rank 0 prepares the corpus (with every core); under torchrun the other ranks poll for
+        the finished stage instead of waiting in a collective, whose timeout (30 min) a corpus
+        of billions of tokens outlasts. A failure on rank 0 is written to a marker file that the
+        others turn into the same one-line error."""
+        from budgetkd.data import prepare_dataset
+
+        self._say("stage data: preparing the corpus")
+        marker = self.out / DATA_FAILED_MARKER
+        if self.is_main:
+            marker.unlink(missing_ok=True)
+            if "data" in self.forced and (self.out / "data").exists():
+                shutil.rmtree(self.out / "data")
+            try:
+                meta = prepare_dataset(
+                    data_cfg["inputs"],
+                    self.out / "data",
+                    tokenizer=tokenizer,
+                    train_tokenizer=train_vocab,
+                    seq_len=data_cfg["seq_len"],
+                    validation_fraction=data_cfg["validation_fraction"],
+                    seed=self.cfg["seed"],
+                    progress=self.progress,
+                )
+            except BaseException as exc:
+                if dist_utils.world_size() > 1 or dist_utils.launched_by_torchrun():
+                    atomic_write_json(
+                        marker, {"launch": launch_id(), "error": str(exc) or type(exc).__name__}
+                    )
+                raise
+            book.finish(
+                "data",
+                fp_data,
+                {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
+            )
+        else:
+            # a forced stage's old record may still be there: only one finished by this launch counts
+            newer = self.started - 60.0 if "data" in self.forced else 0.0
+            wait_for_stage(self.out, "data", fp_data, marker, newer_than=newer)
+
     # -- stages ---------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -213,31 +301,25 @@ class Experiment:
             train_vocab, tokenizer = tokenizer["train"], None
         elif tokenizer == "teacher":
             tokenizer = teacher_cfg["path"]
-        fp_data = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": cfg["seed"]})
-        if book.done("data", fp_data, self.forced) is None:
-            from budgetkd.data import prepare_dataset
+        if data_cfg.get("prepared"):
+            # prepared once, shared: its tokenizer and seq_len were checked by the preflight; its
+            # content fingerprint stands for the data (a moved directory is the same data)
+            from budgetkd.io import read_json as _read
 
-            self._say("stage data: preparing the corpus")
-            if self.is_main:
-                if "data" in self.forced and (self.out / "data").exists():
-                    shutil.rmtree(self.out / "data")
-                meta = prepare_dataset(
-                    data_cfg["inputs"],
-                    self.out / "data",
-                    tokenizer=tokenizer,
-                    train_tokenizer=train_vocab,
-                    seq_len=data_cfg["seq_len"],
-                    validation_fraction=data_cfg["validation_fraction"],
-                    seed=cfg["seed"],
-                    progress=self.progress,
-                )
+            meta = _read(self.data_dir / "meta.json", "dataset metadata (meta.json)")
+            fp_data = sha256_json({"prepared": meta["fingerprint"], "seed": cfg["seed"]})
+            if book.done("data", fp_data, self.forced) is None and self.is_main:
+                self._say(f"stage data: using the prepared dataset {self.data_dir}")
                 book.finish(
                     "data",
                     fp_data,
                     {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
                 )
-            dist_utils.barrier()
-            book = StageBook(self.out)
+        else:
+            fp_data = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": cfg["seed"]})
+            if book.done("data", fp_data, self.forced) is None:
+                self._prepare_data(data_cfg, tokenizer, train_vocab, fp_data, book)
+        book = StageBook(self.out)
 
         # teacher -------------------------------------------------------------------------------
         teacher_path = None
@@ -260,7 +342,7 @@ class Experiment:
                     )
                     opt = cfg["optimizer"]
                     config = TrainConfig(
-                        data=str(self.out / "data"),
+                        data=str(self.data_dir),
                         out=str(self.out / "teacher"),
                         student=block["student"],
                         strategy="none",
@@ -438,13 +520,15 @@ def compare(
 ) -> dict:
     cfg = load_experiment(config_path, overrides)
     out = Path(out)
-    if out.is_dir() and not any((out / name).exists() for name in ("state.json", "experiment.json")):
-        foreign = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-        if foreign:
-            raise BudgetKDError(
-                f"--out {out} is not empty and holds no budgetkd experiment (found {foreign[0]!r}); "
-                "choose a new --out"
-            )
+    _refuse_foreign(out)
+    # Fail before compute: every check that configs, tokenizers and file listings allow, on
+    # every rank (each refuses the same way), before any stage writes anything.
+    from budgetkd.plan import preflight
+
+    resolved = preflight(cfg, out, dist_utils.world_size())
+    if dist_utils.rank() == 0:
+        for note in resolved.notes:
+            print(f"[compare] note: {note}", flush=True)
     lock = DirectoryLock(out) if dist_utils.rank() == 0 else None
     if lock is not None:
         lock.acquire()
@@ -453,6 +537,51 @@ def compare(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _refuse_foreign(out: Path) -> None:
+    """An existing --out must be empty, a budgetkd experiment, or hold only a dry-run's plan."""
+    if out.is_dir() and not any((out / name).exists() for name in ("state.json", "experiment.json")):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (".lock", "plan.json"))
+        if foreign:
+            raise BudgetKDError(
+                f"--out {out} is not empty and holds no budgetkd experiment (found {foreign[0]!r}); "
+                "choose a new --out"
+            )
+
+
+def dry_run(
+    config_path: str | Path,
+    out: str | Path,
+    *,
+    world_size: int | None = None,
+    probe: bool = False,
+    assume_tokens_per_s: float | None = None,
+    as_json: bool = False,
+    overrides=None,
+) -> dict:
+    """``compare --dry-run``: the checks, then the plan printed and written to ``DIR/plan.json``
+    (nothing else is written; no stage runs). ``world_size``: of the launch planned for
+    (default: this launch's)."""
+    import json
+    import os
+
+    from budgetkd.plan import build_plan, preflight, probe_throughput, render_plan, write_plan
+
+    cfg = load_experiment(config_path, overrides)
+    out = Path(out)
+    _refuse_foreign(out)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if dist_utils.launched_by_torchrun() else 1
+    if assume_tokens_per_s is not None and not assume_tokens_per_s > 0:
+        raise BudgetKDError(f"--assume-tokens-per-s must be positive, got {assume_tokens_per_s}")
+    resolved = preflight(cfg, out, world_size)
+    measured = probe_throughput(cfg, out, resolved) if probe else None
+    plan = build_plan(cfg, out, resolved, tokens_per_s=measured, assumed_tokens_per_s=assume_tokens_per_s)
+    if dist_utils.rank() == 0:
+        print(json.dumps(plan, indent=1, default=str) if as_json else render_plan(plan), flush=True)
+        write_plan(plan, out / "plan.json")
+    return plan
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -466,10 +595,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help="redo a finished stage (data, teacher, calibrate, pretrain[:LABEL], glue[:LABEL], report, all)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the plan with its cost (and write DIR/plan.json); run nothing",
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="with --dry-run: measure tokens/s with a few uncharged steps each",
+    )
+    parser.add_argument(
+        "--assume-tokens-per-s",
+        type=float,
+        metavar="N",
+        help="with --dry-run: No-KD tokens/s of the whole launch, for the hours of the plan",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: plan for N processes (default: this launch)",
+    )
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        if args.world_size is not None and args.world_size <= 0:
+            raise BudgetKDError(f"--world-size must be positive, got {args.world_size}")
+        dry_run(
+            args.config,
+            args.out,
+            world_size=args.world_size,
+            probe=args.probe,
+            assume_tokens_per_s=args.assume_tokens_per_s,
+            as_json=args.json,
+        )
+        return 0
+    for flag in ("probe", "assume_tokens_per_s", "world_size", "json"):
+        if getattr(args, flag) not in (None, False):
+            raise BudgetKDError(f"--{flag.replace('_', '-')} goes with --dry-run")
     dist_utils.init_if_launched()
     try:
         compare(args.config, args.out, force=args.force, progress=not args.no_progress)

@@ -33,6 +33,7 @@ from budgetkd import distributed as dist_utils
 from budgetkd import flops
 from budgetkd.budget import Budget, Meter, learning_rate
 from budgetkd.data import MaskingConfig, PackedData, StepBatches, validation_batches
+from budgetkd.data.dataset import resolve_micro_batch
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_torch_save, atomic_write_json, locked, read_json, sha256_json
 from budgetkd.models import (
@@ -424,11 +425,9 @@ class Pretrainer:
             special_ids=tuple(int(i) for i in self.data.special_ids["all"]),
             fixed_count=cfg.fixed_mask_count,
         )
-        per_rank = cfg.batch_size // self.world_size
-        # default micro-batch: the largest divisor of the per-process batch up to 64
-        micro = cfg.micro_batch_size or max(
-            d for d in range(1, min(max(per_rank, 1), 64) + 1) if per_rank % d == 0
-        )
+        # micro_batch_size is the most one device holds; the per-process micro-batch is resolved
+        # from the world size (recorded in run_config.json)
+        micro = resolve_micro_batch(cfg.batch_size, self.world_size, cfg.micro_batch_size)
         self.batches = StepBatches(
             self.data,
             batch_size=cfg.batch_size,
