@@ -272,16 +272,13 @@ class GlueJob:
         record = load_cached_run(self.runs[0][3], self.runs[0][2])
         return None if record is None else record.get("train_seconds")
 
-    def run(self, on_step=None) -> None:
+    def _train(self, train, dev, on_step) -> list[finetune.FineTuneResult]:
         plan, task = self.plan, self.task
-        train, dev = _encoded(plan, task)
-        device = plan.device
-        threads = finetune.configure_threads(plan.threads) if device.type == "cpu" else None
         common = dict(
             batch_size=self.batch_size,
             seed=self.seed,
             recipe=plan.recipe,
-            device=device,
+            device=plan.device,
             precision=plan.precision,
             group_by_length=plan.group_by_length,
             on_step=on_step,
@@ -306,6 +303,18 @@ class GlueJob:
             results = fine_tune_stacked(
                 plan.model_path, task, plan.tokenizer, train, dev, learning_rates=self.lrs, **common
             )
+        return results
+
+    def run(self, on_step=None) -> None:
+        plan, task = self.plan, self.task
+        train, dev = _encoded(plan, task)
+        device = plan.device
+        previous = torch.get_num_threads()
+        try:
+            threads = finetune.configure_threads(plan.threads) if device.type == "cpu" else None
+            results = self._train(train, dev, on_step)
+        finally:
+            torch.set_num_threads(previous)  # the caller's setting, e.g. the rest of a test session
         for (lr, inputs, fingerprint, path), result in zip(self.runs, results):
             record = {
                 "task": task.name,
