@@ -38,7 +38,9 @@ Schema (defaults in brackets)::
       tasks: all | [cola, sst2, …]              [all]
       grid: paper | "lr=…,bs=…"                 [paper]
       epochs: int [5], seeds: [int] [[1]], max_train_examples: int | null [null],
-      max_eval_examples: int | null [null], save_predictions: bool [true], device [auto]
+      max_eval_examples: int | null [null], save_predictions: bool [true], device [auto],
+      stack: auto | bool [auto] (learning rates trained together; auto = on CUDA),
+      group_by_length: bool [false], threads: int | null [null → 1 per job on CPU]
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ GLUE_DEFAULTS = {
     "max_eval_examples": None,
     "save_predictions": True,
     "device": "auto",
+    "stack": "auto",
+    "group_by_length": False,
+    "threads": None,
 }
 DATA_DEFAULTS = {
     "inputs": None,
@@ -438,6 +443,10 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     _check(glue["max_train_examples"], int, "glue.max_train_examples", optional=True)
     _check(glue["max_eval_examples"], int, "glue.max_eval_examples", optional=True)
     _check(glue["save_predictions"], bool, "glue.save_predictions")
+    if glue["stack"] != "auto":
+        _check(glue["stack"], bool, "glue.stack")
+    _check(glue["group_by_length"], bool, "glue.group_by_length")
+    _check(glue["threads"], int, "glue.threads", optional=True)
     from budgetkd.glue.search import parse_grid
     from budgetkd.glue.tasks import parse_tasks
 

@@ -23,6 +23,7 @@ same optimizer and schedule shape; ``DIR/fairness.json`` records the checks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from budgetkd.errors import BudgetKDError
 from budgetkd.io import DirectoryLock, atomic_write_json, read_json, sha256_json
 
 STATE_VERSION = 1
+# glue config keys added later, with their defaults (see the GLUE stage's fingerprint)
+_GLUE_LATER_KEYS = {"stack": "auto", "group_by_length": False, "threads": None}
 
 
 class StageBook:
@@ -443,45 +446,68 @@ class Experiment:
             summaries[label] = read_json(Path(result["run"]) / "summary.json", "run summary")
 
         fairness = self._check_fairness(summaries)
-        if not self.is_main:
-            return {}
-        # Only rank 0 goes on: GLUE and the report are single-process.
-        dist_utils.destroy()
 
         # GLUE ----------------------------------------------------------------------------------
+        # Every rank takes jobs (student × task × configuration group × seed) through the files
+        # of the ledger (budgetkd.glue.ledger); no collective is held open during the hours of
+        # GLUE: after one barrier (rank 0 has deleted forced outputs) the process group is closed,
+        # and rank 0 waits for the last job by polling the run files.
+        dist_utils.barrier()
+        dist_utils.destroy()
+        book = StageBook(self.out)  # rank 0's view, re-read after the barrier
         glue_cfg = cfg["glue"]
+        # keys added after the first release count only when set, so finished stages stay finished
+        glue_identity = {
+            k: v for k, v in glue_cfg.items() if k not in _GLUE_LATER_KEYS or v != _GLUE_LATER_KEYS[k]
+        }
+        pending = []
         for label in self.labels:
             stage = f"glue:{label}"
-            run_dir = self.out / "runs" / label
             summary = summaries[label]
             fp = sha256_json(
-                {"glue": glue_cfg, "model": summary["init_fingerprint"], "run": summary["consumed"]}
+                {"glue": glue_identity, "model": summary["init_fingerprint"], "run": summary["consumed"]}
             )
-            result = book.done(stage, fp, self.forced)
-            if result is None:
-                from budgetkd.glue import run_glue
+            if book.done(stage, fp, self.forced if self.is_main else set()) is None:
+                pending.append((label, stage, fp))
+        if pending:
+            from budgetkd.glue.pipeline import finish_glue, plan_glue, run_plans
+            from budgetkd.io import locked
 
-                glue_dir = self.out / "glue" / label
-                if stage in self.forced and glue_dir.exists():
-                    shutil.rmtree(glue_dir)
-                self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
-                glue = run_glue(
-                    run_dir / "model",
-                    glue_dir,
-                    glue_dir=glue_cfg["dir"],
-                    hub=glue_cfg["dir"] is None,
-                    tasks=glue_cfg["tasks"],
-                    grid=glue_cfg["grid"],
-                    epochs=glue_cfg["epochs"],
-                    seeds=glue_cfg["seeds"],
-                    max_train_examples=glue_cfg["max_train_examples"],
-                    max_eval_examples=glue_cfg["max_eval_examples"],
-                    save_predictions=glue_cfg["save_predictions"],
-                    device=glue_cfg["device"],
-                    progress=self.progress,
+            plans = []
+            for label, stage, _ in pending:
+                self._say(f"stage {stage}: fine-tuning {self.out / 'runs' / label / 'model'}")
+                plans.append(
+                    plan_glue(
+                        self.out / "runs" / label / "model",
+                        self.out / "glue" / label,
+                        glue_dir=glue_cfg["dir"],
+                        hub=glue_cfg["dir"] is None,
+                        tasks=glue_cfg["tasks"],
+                        grid=glue_cfg["grid"],
+                        epochs=glue_cfg["epochs"],
+                        seeds=glue_cfg["seeds"],
+                        max_train_examples=glue_cfg["max_train_examples"],
+                        max_eval_examples=glue_cfg["max_eval_examples"],
+                        save_predictions=glue_cfg["save_predictions"],
+                        device=glue_cfg["device"],
+                        threads=glue_cfg["threads"],
+                        stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
+                        group_by_length=glue_cfg["group_by_length"],
+                        label=label,
+                    )
                 )
-                result = {"glue": str(glue_dir / "glue.json"), "average": glue.get("average")}
-                book.finish(stage, fp, result)
+            with contextlib.ExitStack() as stack:
+                if self.is_main:
+                    for plan in plans:
+                        stack.enter_context(locked(plan.out))
+                run_plans(plans, progress=self.progress)
+                if self.is_main:
+                    for plan, (_, stage, fp) in zip(plans, pending):
+                        glue = finish_glue(plan)
+                        result = {"glue": str(plan.out / "glue.json"), "average": glue.get("average")}
+                        book.finish(stage, fp, result)
+        if not self.is_main:
+            return {}
 
         # report --------------------------------------------------------------------------------
         from budgetkd.report import write_report
