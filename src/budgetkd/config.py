@@ -17,6 +17,9 @@ Schema (defaults in brackets)::
       validation_fraction: float                [0.01]
     teacher:                                    (required unless every strategy is none)
       path: PATH_OR_HUB_ID                      one of path / pretrain
+      fit_mlm_head: null | false | true | {budget [500steps], lr [1e-3], batch_size [32],
+                    warmup [0.06], weight_decay [0], num_evals [5], eval_sequences [512]}
+                    [null: fitted when the teacher is encoder-only and a strategy needs logits]
       pretrain: {student: ARCH, budget: BUDGET, batch_size: int, lr: float, micro_batch_size: int,
                  dropout: float [null = BERT's 0.1]}
     student: PRESET | {layers, hidden, heads, intermediate}    (required)
@@ -153,6 +156,31 @@ def _budget(value: Any, key: str) -> Budget:
         return Budget.parse(value if isinstance(value, (str, int, float)) else str(value))
     except BudgetKDError as exc:
         raise BudgetKDError(f"config key {key!r}: {exc}") from None
+
+
+def _fit_mlm_head(block: Any) -> dict | bool | None:
+    """``teacher.fit_mlm_head``: null (fit when the teacher is encoder-only and a strategy needs
+    logits), false (never), true (always, defaults) or a mapping of :data:`HEAD_DEFAULTS` keys."""
+    from budgetkd.teacher_head import HEAD_DEFAULTS
+
+    if block is None or block is False:
+        return block
+    if block is True:
+        block = {}
+    block = _merge(block, HEAD_DEFAULTS, "teacher.fit_mlm_head")
+    _budget(block["budget"], "teacher.fit_mlm_head.budget")
+    block["budget"] = str(block["budget"])
+    for key in ("batch_size", "num_evals", "eval_sequences"):
+        _check(block[key], int, f"teacher.fit_mlm_head.{key}")
+        if block[key] <= 0:
+            raise BudgetKDError(f"config key 'teacher.fit_mlm_head.{key}' must be positive")
+    for key in ("lr", "warmup", "weight_decay"):
+        _check(block[key], float, f"teacher.fit_mlm_head.{key}")
+    if not block["lr"] > 0:
+        raise BudgetKDError("config key 'teacher.fit_mlm_head.lr' must be positive")
+    if not 0 <= block["warmup"] < 1:
+        raise BudgetKDError("config key 'teacher.fit_mlm_head.warmup' must lie in [0, 1)")
+    return block
 
 
 def check_teacher_path(path: str, key: str = "teacher.path") -> None:
@@ -317,13 +345,23 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
         cfg["teacher"] = None
     else:
         _check(teacher, dict, "teacher")
-        unknown = set(teacher) - {"path", "pretrain"}
+        unknown = set(teacher) - {"path", "pretrain", "fit_mlm_head"}
         if unknown:
-            raise BudgetKDError(f"unknown config key teacher.{sorted(unknown)[0]!r} (known: path, pretrain)")
+            raise BudgetKDError(
+                f"unknown config key teacher.{sorted(unknown)[0]!r} (known: path, pretrain, fit_mlm_head)"
+            )
         if ("path" in teacher) == ("pretrain" in teacher):
             raise BudgetKDError("config key 'teacher' needs exactly one of 'path' and 'pretrain'")
+        if "pretrain" in teacher and teacher.get("fit_mlm_head") not in (None, False):
+            raise BudgetKDError(
+                "config key 'teacher.fit_mlm_head' applies to teacher.path only: "
+                "a teacher pretrained by budgetkd has its MLM head"
+            )
         if "path" in teacher:
-            cfg["teacher"] = {"path": _check(teacher["path"], str, "teacher.path")}
+            cfg["teacher"] = {
+                "path": _check(teacher["path"], str, "teacher.path"),
+                "fit_mlm_head": _fit_mlm_head(teacher.get("fit_mlm_head")),
+            }
         else:
             block = _merge(
                 teacher["pretrain"],

@@ -3,7 +3,9 @@
 Stages, in order (each records completion in ``DIR/state.json``)::
 
     data               corpus → DIR/data (budgetkd prepare)
-    teacher            the given checkpoint (checked), or DIR/teacher pretrained by budgetkd
+    teacher            the given checkpoint (checked), or DIR/teacher pretrained by budgetkd; an
+                       encoder-only checkpoint gets an MLM head fitted → DIR/teacher (its cost is
+                       the teacher's preparation, DIR/teacher/summary.json, charged to no student)
     calibrate          No-KD for the calibration epochs → DIR/runs/<label>; its charged time
                        (or FLOPs) becomes the budget of every other strategy
     pretrain:<label>   every other strategy at that budget → DIR/runs/<label>
@@ -327,14 +329,21 @@ class Experiment:
         # teacher -------------------------------------------------------------------------------
         teacher_path = None
         if teacher_cfg is not None:
-            fp_teacher = sha256_json({"teacher": teacher_cfg, "data": fp_data})
+            fit = self._head_fit_block(teacher_cfg)
+            # Without a head to fit the fingerprint is the one of a plain path (older experiments
+            # resume); a fitted head's settings, and the decision to fit one, are part of it.
+            fp_teacher = sha256_json(
+                {"teacher": {k: v for k, v in teacher_cfg.items() if k != "fit_mlm_head"}, "data": fp_data}
+                if fit is None
+                else {"teacher": teacher_cfg, "fit_mlm_head": fit, "data": fp_data}
+            )
             result = book.done("teacher", fp_teacher, self.forced)
             if result is None:
-                if "path" in teacher_cfg:
-                    from budgetkd.models import load_teacher
-
+                if "path" in teacher_cfg and fit is not None:
+                    result = self._fit_teacher_head(teacher_cfg["path"], fit)
+                elif "path" in teacher_cfg:
                     self._say(f"stage teacher: checking {teacher_cfg['path']}")
-                    load_teacher(teacher_cfg["path"])
+                    self._check_teacher_logits(teacher_cfg)
                     result = {"path": teacher_cfg["path"]}
                 else:
                     from budgetkd.train import TrainConfig
@@ -519,6 +528,85 @@ class Experiment:
         atomic_write_json(self.out / "fairness.json", fairness)
         self._say(f"done: {self.out / 'table.md'}")
         return {"fairness": fairness, "report": [str(p) for p in paths]}
+
+    # -- the teacher's MLM head ------------------------------------------------------------------
+    def _needs_logits(self) -> list[str]:
+        from budgetkd.strategies import REGISTRY
+
+        return [s["label"] for s in self.cfg["strategies"] if REGISTRY[s["name"]].needs_teacher_logits]
+
+    def _head_fit_block(self, teacher_cfg: dict) -> dict | None:
+        """The ``fit_mlm_head`` settings to apply, or None when no head is fitted: null fits one
+        when a strategy needs logits and the teacher is encoder-only (read from its checkpoint)."""
+        from budgetkd.teacher_head import HEAD_DEFAULTS
+
+        block = teacher_cfg.get("fit_mlm_head")
+        if "path" not in teacher_cfg or block is False:
+            return None
+        if isinstance(block, dict):
+            return block
+        if not self._needs_logits():
+            return None
+        from budgetkd.models import load_teacher
+
+        if load_teacher(teacher_cfg["path"]).has_mlm_head:
+            return None
+        return dict(HEAD_DEFAULTS)
+
+    def _check_teacher_logits(self, teacher_cfg: dict) -> None:
+        """An encoder-only teacher with ``fit_mlm_head: false`` is refused here, before any
+        student trains, when a strategy needs its logits."""
+        from budgetkd.models import load_teacher
+
+        teacher = load_teacher(teacher_cfg["path"])
+        needing = self._needs_logits()
+        if needing and not teacher.has_mlm_head:
+            raise BudgetKDError(
+                f"strategy {needing[0]!r} needs teacher logits, but {teacher_cfg['path']} is an encoder-only "
+                "checkpoint and teacher.fit_mlm_head is false; remove it (a head is then fitted) or drop "
+                f"{needing[0]!r}"
+            )
+
+    def _fit_teacher_head(self, path: str, block: dict) -> dict:
+        """Fit an MLM head on the frozen encoder → DIR/teacher/model, DIR/teacher/summary.json.
+
+        Its cost is the teacher's preparation: recorded here and in the summary, charged to no
+        student. Rank 0 fits it (a few minutes; the encoder is frozen, so there is nothing to
+        data-parallelise worth a collective) while the other ranks wait at the barrier.
+        """
+        from budgetkd.teacher_head import HeadFitConfig, fit_mlm_head
+
+        out = self.out / "teacher"
+        self._say(
+            f"stage teacher: fitting an MLM head on {path} for {block['budget']} (not charged to students)"
+        )
+        if self.is_main:
+            if out.exists():
+                shutil.rmtree(out)  # a killed fit restarts: it is short and has no checkpoint
+            config = HeadFitConfig.from_block(
+                block,
+                seed=self.cfg["seed"] + 2000,
+                device=self.cfg["training"]["device"],
+                progress=self.progress,
+            )
+            summary = fit_mlm_head(path, self.out / "data", out, config)
+            self._say(
+                f"teacher head: validation MLM loss {summary['initial_val_mlm_loss']:.3f} → "
+                f"{summary['val_mlm_loss']:.3f} (unigram {summary['unigram_val_mlm_loss']:.3f}) in "
+                f"{summary['consumed']['steps']} steps, {summary['consumed']['time_s']:.0f}s"
+            )
+        dist_utils.barrier()
+        summary = read_json(out / "summary.json", "teacher head summary")
+        return {
+            "path": str(out / "model"),
+            "source": path,
+            "fitted_mlm_head": True,
+            "summary": str(out / "summary.json"),
+            "val_mlm_loss": summary["val_mlm_loss"],
+            "unigram_val_mlm_loss": summary["unigram_val_mlm_loss"],
+            "preparation": summary["consumed"],
+            "charged_to_students": False,
+        }
 
     def _check_fairness(self, summaries: dict[str, dict]) -> dict:
         """SPEC §4: identical initial weights, data, data order and schedule shape, or refuse."""
