@@ -318,8 +318,19 @@ def run_budgetkd(args, row: str, device: torch.device, work: Path) -> dict:
         """The real Pretrainer; notes the meter at the start of every step and at the first
         evaluation after a step (with num_evals=1, the final one, right after the last step)."""
 
+        warming_up = False
+
+        def warm_up(self):
+            # the uncharged warm-up is a training step of its own (run and undone): not marked
+            self.warming_up = True
+            try:
+                return super().warm_up()
+            finally:
+                self.warming_up = False
+
         def train_step(self, step, lr):
-            mark(self.meter)
+            if not self.warming_up:
+                mark(self.meter)
             return super().train_step(step, lr)
 
         def evaluate(self):
