@@ -496,7 +496,7 @@ def test_negative_budget_is_refused_with_the_budgets_own_message(data_dir, tmp_p
         ]
     )
     captured = capfd.readouterr()
-    assert_one_line_error(rc, captured.out, captured.err, "'-3steps' is not positive")
+    assert_one_line_error(rc, captured.out, captured.err, "malformed budget '-3steps'")
 
 
 def test_encoder_only_teacher_loads_without_transformers_load_report(tmp_path, capfd):
