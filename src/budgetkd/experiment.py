@@ -586,7 +586,7 @@ class Experiment:
                 device=self.cfg["training"]["device"],
                 progress=self.progress,
             )
-            summary = fit_mlm_head(path, self.out / "data", out, config)
+            summary = fit_mlm_head(path, self.data_dir, out, config)
             self._say(
                 f"teacher head: validation MLM loss {summary['initial_val_mlm_loss']:.3f} → "
                 f"{summary['val_mlm_loss']:.3f} (unigram {summary['unigram_val_mlm_loss']:.3f}) in "
