@@ -1,0 +1,108 @@
+"""Sweep arithmetic (SPEC §7a) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from budgetkd.errors import BudgetKDError
+from budgetkd.sweep import (
+    branch_amount,
+    check_sweep_points,
+    crossings,
+    crossover_with_interval,
+    first_crossover,
+    kd_budget_amount,
+    teacher_charge,
+    wsd_cost,
+    wsd_learning_rate,
+)
+
+
+def test_wsd_schedule_by_hand():
+    # peak 1, warm-up 10, point 100, decay fraction 0.2: decay from 80 to 100
+    lr = [wsd_learning_rate(1.0, c, 100.0, 10.0, 0.2) for c in (0, 5, 10, 50, 79.9, 80, 90, 95, 100, 120)]
+    assert lr[:3] == [0.0, 0.5, 1.0]
+    assert lr[3] == 1.0 and lr[4] == 1.0
+    assert lr[5] == pytest.approx(1.0)  # decay starts at its peak: the schedule is continuous
+    assert lr[6] == pytest.approx(0.5)
+    assert lr[7] == pytest.approx(0.25)
+    assert lr[8] == 0.0 and lr[9] == 0.0  # reaches 0 exactly at the budget
+
+
+def test_points_share_the_trunk_until_they_branch():
+    points = [25.0, 50.0, 100.0]
+    for c in np.linspace(0, branch_amount(25.0, 0.2), 7):
+        rates = {wsd_learning_rate(2.0, c, p, 5.0, 0.2) for p in points}
+        assert len(rates) == 1  # one trunk: every point has the same rate before its branch
+    assert branch_amount(50.0, 0.2) == 40.0
+
+
+def test_sweep_cost_is_the_largest_point_plus_each_decay():
+    # 5 points 0.25..4 × B with f = 0.2: 4 + 0.2·(0.25+0.5+1+2) = 4.75 B, vs 7.75 B for separate runs
+    points = [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert wsd_cost(points, 0.2) == pytest.approx(4.75)
+    assert wsd_cost(points, 0.2) / max(points) <= 1.3
+
+
+def test_sweep_points_are_checked():
+    assert check_sweep_points([4, 1, 2], warmup=0.5, decay_fraction=0.2) == [1.0, 2.0, 4.0]
+    with pytest.raises(BudgetKDError, match="at least two"):
+        check_sweep_points([1], 0.0, 0.2)
+    with pytest.raises(BudgetKDError, match="distinct"):
+        check_sweep_points([1, 1], 0.0, 0.2)
+    with pytest.raises(BudgetKDError, match="warm-up"):
+        check_sweep_points([1, 2], warmup=0.9, decay_fraction=0.2)
+
+
+def test_crossover_interpolates_in_log_budget():
+    # Δ = +2 at budget 1, -2 at budget 100: the zero is half-way in log space, at 10
+    assert first_crossover([1, 100], [2.0, -2.0]) == pytest.approx(10.0)
+    # Δ = +3 at 10, -1 at 1000: log10 B* = 1 + 3·2/4 = 2.5
+    assert first_crossover([1, 10, 1000], [5.0, 3.0, -1.0]) == pytest.approx(10**2.5)
+    found = crossings([1, 10, 100, 1000], [1.0, -1.0, -1.0, 1.0])
+    assert [c.direction for c in found] == ["kd_stops_paying", "kd_starts_paying"]
+    assert found[0].budget == pytest.approx(math.sqrt(10))
+    assert found[1].between == (100.0, 1000.0)
+    assert first_crossover([1, 2, 4], [1.0, 0.5, 0.25]) is None
+
+
+def test_crossover_interval_from_bootstrap_samples():
+    budgets = [1.0, 100.0]
+    # every resample crosses at 10^(2·a/(a+b)); with a = 2, b ∈ {1, 2, 3}: 10^(4/3), 10, 10^(4/5)
+    samples = np.array([[2.0, -1.0], [2.0, -2.0], [2.0, -3.0]] * 10)
+    result = crossover_with_interval(budgets, [2.0, -2.0], samples, level=0.9)
+    assert result["crossover"] == pytest.approx(10.0)
+    assert result["low"] == pytest.approx(10**0.8)
+    assert result["high"] == pytest.approx(10 ** (4 / 3))
+    assert result["no_crossover_share"] == 0.0
+
+
+def test_crossover_interval_open_when_resamples_stay_positive():
+    samples = np.array([[2.0, -2.0]] * 5 + [[2.0, 1.0]] * 5)  # half the resamples: KD ahead throughout
+    result = crossover_with_interval([1.0, 100.0], [2.0, -2.0], samples)
+    assert result["high"] is None and result["low"] == pytest.approx(10.0)
+    assert result["no_crossover_share"] == 0.5
+    none = crossover_with_interval([1.0, 100.0], [1.0, 0.5], np.array([[1.0, 0.5]]))
+    assert none["crossover"] is None and none["text"].startswith("no crossover between 1 and 100")
+
+
+def test_teacher_charge_modes():
+    assert teacher_charge("inference")["time_s"] == 0.0
+    assert teacher_charge("inference")["charge_forward"] is True
+    assert teacher_charge("free")["charge_forward"] is False
+    charge = teacher_charge("amortized", pretraining={"time_s": 3600.0, "flops": 8e18}, students=4)
+    assert charge["time_s"] == 900.0 and charge["flops"] == 2e18
+    # the calibrated KD budget: No-KD's minus the per-student charge
+    assert kd_budget_amount(14400.0, "time", charge) == 13500.0
+    assert kd_budget_amount(1e19, "flops", charge) == pytest.approx(8e18)
+    with pytest.raises(BudgetKDError, match="uses up"):
+        kd_budget_amount(800.0, "time", charge)
+    with pytest.raises(BudgetKDError, match="time or FLOPs"):
+        kd_budget_amount(100.0, "steps", charge)
+    with pytest.raises(BudgetKDError, match="positive integer"):
+        teacher_charge("amortized", pretraining={"time_s": 1.0}, students=0)
+    with pytest.raises(BudgetKDError, match="one of"):
+        teacher_charge("cheap")
