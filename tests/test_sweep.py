@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from budgetkd.errors import BudgetKDError
 from budgetkd.sweep import (
@@ -106,3 +107,94 @@ def test_teacher_charge_modes():
         teacher_charge("amortized", pretraining={"time_s": 1.0}, students=0)
     with pytest.raises(BudgetKDError, match="one of"):
         teacher_charge("cheap")
+
+
+# -- WSD runs: one trunk, branches that continue it ----------------------------------------------
+def _run_recording_lrs(config, monkeypatch):
+    from budgetkd.train import Pretrainer
+
+    seen: list[float] = []
+    original = Pretrainer.train_step
+
+    def recording(self, step, lr):
+        seen.append(lr)
+        return original(self, step, lr)
+
+    monkeypatch.setattr(Pretrainer, "train_step", recording)
+    summary = Pretrainer(config).pretrain()
+    monkeypatch.setattr(Pretrainer, "train_step", original)
+    return summary, seen
+
+
+def test_wsd_branch_continues_the_trunk_and_pays_prefix_plus_decay(make_config, tmp_path, monkeypatch):
+    from budgetkd.data import PackedData
+
+    peak = 1e-3
+    common = dict(schedule="wsd", schedule_warmup=2.0, decay_fraction=0.2, lr=peak, num_evals=2)
+    # the trunk is the largest point (20 steps); the 10-step point branches at (1 − 0.2)·10 = 8
+    trunk_dir = tmp_path / "trunk"
+    trunk, trunk_lrs = _run_recording_lrs(
+        make_config(trunk_dir, budget="20steps", snapshots=[8.0], **common), monkeypatch
+    )
+    assert len(trunk_lrs) == 20
+    assert trunk_lrs[:3] == [0.0, peak / 2, peak]
+    assert trunk_lrs[3:17] == [peak] * 14  # constant until its own decay starts at 16
+    assert trunk_lrs[17:] == pytest.approx([0.75 * peak, 0.5 * peak, 0.25 * peak])
+    snapshot = trunk_dir / "snapshots" / "at-8.0.pt"
+    assert snapshot.is_file() and trunk["schedule"]["snapshots"] == [str(snapshot)]
+
+    branch, branch_lrs = _run_recording_lrs(
+        make_config(tmp_path / "b10", budget="10steps", init_from=str(snapshot), **common), monkeypatch
+    )
+    # the prefix is not trained again: the branch runs its two decay steps only, and its rate
+    # falls linearly to 0 at its budget (peak·(10 − c)/2 at c = 8, 9; 0 at c = 10)
+    assert branch_lrs == pytest.approx([peak, 0.5 * peak])
+    consumed, schedule = branch["consumed"], branch["schedule"]
+    assert consumed["steps"] == 10 and schedule["prefix"]["steps"] == 8 and schedule["own"]["steps"] == 2
+    # the charged tokens are the prefix's (the trunk's first 8 steps) plus steps 8 and 9 of the data
+    from budgetkd.data import MaskingConfig, StepBatches
+
+    data = PackedData(make_config(tmp_path / "x").data)
+    masking = MaskingConfig(data.vocab_size, data.special_ids["mask"], tuple(data.special_ids["all"]))
+    batches = StepBatches(data, batch_size=8, micro_batch_size=8, data_seed=0, mask_seed=0, masking=masking)
+    assert schedule["prefix"]["tokens"] == sum(batches.global_tokens(s) for s in range(8))
+    assert schedule["own"]["tokens"] == batches.global_tokens(8) + batches.global_tokens(9)
+    assert consumed["tokens"] == schedule["prefix"]["tokens"] + schedule["own"]["tokens"]
+    for key in ("time_s", "flops"):
+        assert consumed[key] == pytest.approx(schedule["prefix"][key] + schedule["own"][key])
+        assert schedule["own"][key] > 0
+    # every step of one shape charges the same analytic FLOPs: the branch's two steps cost 2/8 of
+    # its prefix's student FLOPs when the masked counts are equal; at least they are of that order
+    assert 0.1 < schedule["own"]["flops"] / schedule["prefix"]["flops"] < 0.5
+    assert branch["budget_exhausted"] and branch["schedule"]["branched_from"] == str(snapshot)
+
+
+def test_wsd_branch_matches_a_run_that_never_stopped(make_config, tmp_path, monkeypatch):
+    """A branch is the trunk continued: branching at 8 and decaying to 10 gives the same weights
+    as one uninterrupted wsd run to 10 with the same warm-up (same data, masks, dropout stream)."""
+    common = dict(schedule="wsd", schedule_warmup=2.0, decay_fraction=0.2, lr=1e-3)
+    trunk_dir = tmp_path / "trunk"
+    _run_recording_lrs(make_config(trunk_dir, budget="20steps", snapshots=[8.0], **common), monkeypatch)
+    snapshot = trunk_dir / "snapshots" / "at-8.0.pt"
+    _run_recording_lrs(
+        make_config(tmp_path / "branch", budget="10steps", init_from=str(snapshot), **common), monkeypatch
+    )
+    _run_recording_lrs(make_config(tmp_path / "whole", budget="10steps", **common), monkeypatch)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "branch" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_wsd_refusals(make_config, tmp_path):
+    from budgetkd.train import pretrain
+
+    with pytest.raises(BudgetKDError, match="need schedule: wsd"):
+        pretrain(make_config(tmp_path / "a", snapshots=[1.0]))
+    with pytest.raises(BudgetKDError, match="schedule must be"):
+        pretrain(make_config(tmp_path / "b", schedule="cosine"))
+    with pytest.raises(BudgetKDError, match="inside the run's budget"):
+        pretrain(make_config(tmp_path / "c", schedule="wsd", snapshots=[9.0]))
