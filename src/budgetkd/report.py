@@ -1,18 +1,31 @@
 """``budgetkd report DIR``: the paper's Table 2 from a compare directory (SPEC §7).
 
-Reads ``DIR/experiment.json``, ``DIR/runs/<label>/summary.json`` and ``DIR/glue/<label>/glue.json``
-and writes:
+Reads ``DIR/experiment.json``, ``DIR/runs/<label>/{summary,run_config}.json``,
+``DIR/glue/<label>/glue.json`` and the per-run prediction files beside it, and writes:
 
-* ``table.md``, ``table.csv``, ``table.tex`` — one row per strategy: total tokens processed, QNLI,
-  SST-2, MNLI, MRPC-F1, QQP, RTE, CoLA-MCC (STS-B when present), Avg and Δ = Avg − Avg(No-KD);
-  scores ×100; a task that was not evaluated is shown as "–" and left out of Avg; with several
-  GLUE seeds each cell is mean ± std and Δ comes with a bootstrap 95 % interval;
+* ``table.md``, ``table.csv``, ``table.tex`` — one row per strategy: total tokens processed, the
+  Avg tasks (default the paper's seven: QNLI, SST-2, MNLI-m, MRPC-F1, QQP, RTE, CoLA-MCC), Avg,
+  Δ = Avg − Avg(No-KD) with its 95 % interval, then the tasks shown beside the average (MNLI-mm,
+  STS-B = mean of Pearson and Spearman); scores ×100, "–" = not evaluated; with several GLUE seeds
+  each cell is mean ± sample std over seeds;
 * ``budget.csv`` (and a second table in ``table.md``) — charged time, FLOPs with the teacher's
-  share, tokens, epochs, tokens/s and the No-KD/KD throughput ratio;
+  share, tokens, epochs, tokens/s, the No-KD/KD throughput ratio and the final validation MLM loss
+  (only where the student's MLM head trains);
 * ``plots/glue_scores.png``, ``plots/val_loss.png``, ``plots/tokens.png``.
 
-Avg is the plain mean of the row's task scores; the task score is the one glue.json reports
-(MRPC F1, CoLA MCC, MNLI matched accuracy, STS-B mean of Pearson and Spearman, else accuracy).
+Avg of a row is the plain mean of its scores on the Avg tasks it has. Δ of a row is computed over
+the Avg tasks that both it and No-KD have: Δ = mean_{t∈T}(s_row,t) − mean_{t∈T}(s_NoKD,t); a row
+whose Avg or Δ is over fewer tasks than the table's Avg is marked (†) and a note names its tasks.
+
+The interval of Δ is a paired bootstrap (SPEC §7): every row was evaluated on the same dev
+examples, so each of ``bootstrap_samples`` resamples draws, per task, n example indices with
+replacement — the same indices for every row — and recomputes each task's own metric on them
+(:mod:`budgetkd.glue.bootstrap`); with several fine-tuning seeds a resample also draws each row's
+seeds with replacement and averages the task over them. Δ of the resample is then formed as
+above, and the interval is the 2.5th–97.5th percentile of those Δ. The example indices of the task
+in column c come from ``numpy.random.default_rng([bootstrap_seed, c])``, so the table is
+deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
+or no interval.
 """
 
 from __future__ import annotations
@@ -20,41 +33,139 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from budgetkd.errors import BudgetKDError
+from budgetkd.glue import bootstrap
+from budgetkd.glue.search import load_run_predictions, run_path
 from budgetkd.io import atomic_write_bytes, atomic_write_text, read_json
 
-# (glue task key, column title) in the paper's order; STS-B is appended when present.
-COLUMNS = [
-    ("qnli", "QNLI"),
-    ("sst2", "SST-2"),
-    ("mnli", "MNLI"),
-    ("mrpc", "MRPC-F1"),
-    ("qqp", "QQP"),
-    ("rte", "RTE"),
-    ("cola", "CoLA-MCC"),
-]
-OPTIONAL_COLUMNS = [("stsb", "STS-B")]
+
+@dataclass(frozen=True)
+class ScoreColumn:
+    """One score of the table: task ``task``'s metrics ``metrics`` on dev split ``split``."""
+
+    key: str  # column key in table.csv and in the avg_tasks setting
+    title: str
+    task: str  # GLUE task key (glue.json, runs/<task>/)
+    split: str  # dev split holding its predictions
+    metrics: tuple[str, ...]  # budgetkd.glue.metrics names, averaged into the score
+    reported: tuple[str, ...]  # the same metrics as glue.json names them (split suffix added)
+
+
+# The paper's Table 2, in its order (SPEC §7).
+PAPER_COLUMNS = (
+    ScoreColumn("qnli", "QNLI", "qnli", "dev", ("accuracy",), ("accuracy",)),
+    ScoreColumn("sst2", "SST-2", "sst2", "dev", ("accuracy",), ("accuracy",)),
+    ScoreColumn("mnli", "MNLI-m", "mnli", "dev_matched", ("accuracy",), ("accuracy_matched",)),
+    ScoreColumn("mrpc", "MRPC-F1", "mrpc", "dev", ("f1",), ("f1",)),
+    ScoreColumn("qqp", "QQP", "qqp", "dev", ("accuracy",), ("accuracy",)),
+    ScoreColumn("rte", "RTE", "rte", "dev", ("accuracy",), ("accuracy",)),
+    ScoreColumn("cola", "CoLA-MCC", "cola", "dev", ("matthews_correlation",), ("matthews_correlation",)),
+)
+# Shown beside the average; they enter Avg only when the avg_tasks setting names them.
+EXTRA_COLUMNS = (
+    ScoreColumn("mnli_mm", "MNLI-mm", "mnli", "dev_mismatched", ("accuracy",), ("accuracy_mismatched",)),
+    ScoreColumn("stsb", "STS-B", "stsb", "dev", ("pearson", "spearman"), ("pearson", "spearman")),
+)
+ALL_COLUMNS = PAPER_COLUMNS + EXTRA_COLUMNS
+COLUMN_BY_KEY = {c.key: c for c in ALL_COLUMNS}
+PAPER_AVG_TASKS = tuple(c.key for c in PAPER_COLUMNS)
+_COLUMN_ALIASES = {
+    "mnli-m": "mnli",
+    "mnli_m": "mnli",
+    "mnlim": "mnli",
+    "mnli-mm": "mnli_mm",
+    "mnlimm": "mnli_mm",
+    "sst-2": "sst2",
+    "sts-b": "stsb",
+    "mrpc-f1": "mrpc",
+    "cola-mcc": "cola",
+}
+
 BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+MIN_BOOTSTRAP_SAMPLES = 100  # fewer leave the 2.5th / 97.5th percentiles to two or three draws
+
+# Strategies whose KD term trains the student's logits (Strategy.needs_teacher_logits; a test keeps
+# the two equal). Kept here so that the report does not import torch to read one flag.
+LOGIT_DISTILLING_STRATEGIES = frozenset({"vanilla"})
+
+INTERVAL_EXAMPLES = "examples"
+INTERVAL_SEEDS_EXAMPLES = "seeds x examples"
+INTERVAL_SEEDS = "seeds"
+
+MARK_FEWER_TASKS = "†"
+MARK_DATA_LIMIT = "‡"
 
 
-def _task_seed_scores(task_entry: dict) -> list[float]:
-    """Per-seed scores of the best configuration of one task (one value with a single seed)."""
-    best = task_entry.get("best") or {}
-    runs = [
-        r
-        for r in task_entry.get("runs", [])
-        if r.get("lr") == best.get("lr")
-        and r.get("batch_size") == best.get("batch_size")
-        and r.get("score") is not None
-    ]
-    if runs:
-        return [float(r["score"]) for r in runs]
-    score = task_entry.get("score")
-    return [] if score is None else [float(score)]
+@dataclass(frozen=True)
+class ReportSettings:
+    """What the report computes beyond the data: which tasks enter Avg, and the bootstrap."""
+
+    avg_tasks: tuple[str, ...] = PAPER_AVG_TASKS
+    bootstrap_samples: int = BOOTSTRAP_SAMPLES
+    bootstrap_seed: int = BOOTSTRAP_SEED
+
+
+def parse_avg_tasks(spec) -> tuple[str, ...]:
+    """``paper`` (the seven of Table 2) | ``all`` (also MNLI-mm, STS-B) | ``rte,mrpc,stsb`` | a list."""
+    if isinstance(spec, str):
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(n, str) for n in spec):
+        names = [n.strip() for n in spec]
+    else:
+        raise BudgetKDError(f"avg_tasks must be 'paper', 'all' or a list of task names, got {spec!r}")
+    if len(names) == 1 and names[0].lower() in ("paper", "all"):
+        return PAPER_AVG_TASKS if names[0].lower() == "paper" else tuple(COLUMN_BY_KEY)
+    keys: list[str] = []
+    for name in names:
+        key = _COLUMN_ALIASES.get(name.lower(), name.lower())
+        if key not in COLUMN_BY_KEY:
+            raise BudgetKDError(
+                f"avg_tasks: unknown task {name!r}; choose from {', '.join(COLUMN_BY_KEY)}, 'paper' or 'all'"
+            )
+        if key not in keys:
+            keys.append(key)
+    if not keys:
+        raise BudgetKDError("avg_tasks is empty; give 'paper', 'all' or task names such as rte,mrpc")
+    return tuple(keys)
+
+
+def _positive_int(value, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BudgetKDError(f"{what} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def resolve_settings(
+    out: Path, *, avg_tasks=None, bootstrap_samples: int | None = None, bootstrap_seed: int | None = None
+) -> ReportSettings:
+    """Settings from the arguments, else the experiment config's ``report`` mapping (read from
+    ``DIR/experiment.json``; absent or partial is fine), else the defaults."""
+    stored: dict = {}
+    experiment_path = out / "experiment.json"
+    if experiment_path.exists():
+        experiment = read_json(experiment_path, "experiment record")
+        section = experiment.get("report") if isinstance(experiment, dict) else None
+        if section is not None and not isinstance(section, dict):
+            raise _malformed("experiment record", experiment_path, "'report' is not a mapping")
+        stored = section or {}
+    tasks = avg_tasks if avg_tasks is not None else stored.get("avg_tasks", "paper")
+    samples = bootstrap_samples if bootstrap_samples is not None else stored.get("bootstrap_samples")
+    seed = bootstrap_seed if bootstrap_seed is not None else stored.get("bootstrap_seed")
+    return ReportSettings(
+        avg_tasks=parse_avg_tasks(tasks),
+        bootstrap_samples=BOOTSTRAP_SAMPLES
+        if samples is None
+        else _positive_int(samples, "bootstrap_samples", MIN_BOOTSTRAP_SAMPLES),
+        bootstrap_seed=BOOTSTRAP_SEED if seed is None else _positive_int(seed, "bootstrap_seed", 0),
+    )
 
 
 # What the tables read from a run's summary.json (``consumed``) — checked up front, so that a
@@ -111,22 +222,94 @@ def _read_summary(path: Path) -> dict:
     return summary
 
 
-def _read_glue_scores(path: Path) -> dict[str, list[float]]:
+def _strategy_options(run_dir: Path) -> dict | None:
+    """The resolved strategy options (defaults filled in) that ``run_config.json`` records."""
+    path = run_dir / "run_config.json"
+    if not path.exists():
+        return None
+    config = read_json(path, "run configuration")
+    resolved = config.get("resolved") if isinstance(config, dict) else None
+    options = resolved.get("strategy_options") if isinstance(resolved, dict) else None
+    return options if isinstance(options, dict) else None
+
+
+def mlm_head_trained(strategy: str, summary: dict | None, options: dict | None) -> bool:
+    """Whether the student's MLM head (its logits) is trained, i.e. whether its validation MLM
+    loss measures anything: No-KD's objective is the MLM loss; a KD strategy trains the head
+    when its MLM weight is > 0 or its KD term is on the logits (Vanilla-KD). TinyBERT, MiniLM and
+    MiniLMv2 with their default MLM weight 0 never touch it."""
+    if summary is not None and isinstance(summary.get("mlm_head_trained"), bool):
+        return summary["mlm_head_trained"]  # recorded by the run itself, when it does
+    if strategy == "none" or strategy in LOGIT_DISTILLING_STRATEGIES:
+        return True
+    if options is None:  # a run directory without run_config.json: the strategy's defaults
+        from budgetkd.strategies import REGISTRY
+
+        cls = REGISTRY.get(strategy)
+        if cls is None:
+            return True
+        options = cls.defaults
+    weight = options.get("mlm_weight", 1.0)
+    return not isinstance(weight, (int, float)) or float(weight) > 0
+
+
+def _best_runs(entry: dict) -> list[dict]:
+    best = entry.get("best") or {}
+    return [
+        r
+        for r in entry.get("runs", [])
+        if isinstance(r, dict)
+        and r.get("lr") == best.get("lr")
+        and r.get("batch_size") == best.get("batch_size")
+    ]
+
+
+def _column_seed_values(entry: dict, column: ScoreColumn) -> tuple[list[float], list]:
+    """Per-seed scores of the best configuration in one column (and the seeds they belong to)."""
+    primary = column.key == column.task
+    values, seeds = [], []
+    for run in _best_runs(entry):
+        metrics = run.get("metrics")
+        if isinstance(metrics, dict) and all(metrics.get(m) is not None for m in column.reported):
+            values.append(float(np.mean([float(metrics[m]) for m in column.reported])))
+        elif primary and run.get("score") is not None and not isinstance(metrics, dict):
+            values.append(float(run["score"]))
+        else:
+            continue
+        seeds.append(run.get("seed"))
+    if values:
+        return values, seeds
+    # no per-run records: the task entry's own value (one number)
+    metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+    if all(metrics.get(m) is not None for m in column.reported):
+        return [float(np.mean([float(metrics[m]) for m in column.reported]))], [None]
+    if primary and entry.get("score") is not None:
+        return [float(entry["score"])], [None]
+    return [], []
+
+
+def _read_glue(path: Path) -> tuple[dict[str, list[float]], dict[str, dict]]:
+    """Per column the per-seed scores, and the glue.json task entries (for the predictions)."""
     glue = read_json(path, "GLUE results")
     tasks = glue.get("tasks") if isinstance(glue, dict) else None
     if not isinstance(tasks, dict):
         raise _malformed("GLUE results", path, "no 'tasks' object")
-    scores = {}
+    scores: dict[str, list[float]] = {}
     for task, entry in tasks.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("runs", []), list):
             raise _malformed("GLUE results", path, f"task {task!r} is not a GLUE task entry")
-        try:
-            values = _task_seed_scores(entry)
-        except (AttributeError, TypeError, ValueError):
-            raise _malformed("GLUE results", path, f"task {task!r} has malformed runs or scores") from None
-        if values:
-            scores[task] = values
-    return scores
+        for column in ALL_COLUMNS:
+            if column.task != task:
+                continue
+            try:
+                values, _ = _column_seed_values(entry, column)
+            except (AttributeError, TypeError, ValueError):
+                raise _malformed(
+                    "GLUE results", path, f"task {task!r} has malformed runs or scores"
+                ) from None
+            if values:
+                scores[column.key] = values
+    return scores, tasks
 
 
 def collect(out: Path) -> dict:
@@ -146,84 +329,254 @@ def collect(out: Path) -> dict:
         ]
     rows = []
     for label, name in entries:
-        summary_path = out / "runs" / label / "summary.json"
+        run_dir = out / "runs" / label
+        summary_path = run_dir / "summary.json"
         summary = _read_summary(summary_path) if summary_path.exists() else None
         glue_path = out / "glue" / label / "glue.json"
-        scores = _read_glue_scores(glue_path) if glue_path.exists() else {}
+        scores, glue_tasks = _read_glue(glue_path) if glue_path.exists() else ({}, {})
         display = summary.get("display_name", label) if summary else label
         if summary and label != name:
             display = f"{display} ({label})"
         rows.append(
-            {"label": label, "strategy": name, "display": display, "summary": summary, "scores": scores}
+            {
+                "label": label,
+                "strategy": name,
+                "display": display,
+                "summary": summary,
+                "scores": scores,
+                "glue_dir": glue_path.parent,
+                "glue_tasks": glue_tasks,
+                "mlm_head_trained": mlm_head_trained(name, summary, _strategy_options(run_dir)),
+            }
         )
     return {"rows": rows}
 
 
-def _columns(rows: list[dict]) -> list[tuple[str, str]]:
-    present = {task for row in rows for task in row["scores"]}
-    return COLUMNS + [c for c in OPTIONAL_COLUMNS if c[0] in present]
+# ----------------------------------------------------------------------------------------------
+# the paired bootstrap
 
 
-def _row_average(row: dict, columns) -> float | None:
-    values = [float(np.mean(row["scores"][t])) for t, _ in columns if t in row["scores"]]
+def _task_predictions(row: dict, task: str) -> list[tuple[object, dict]] | None:
+    """(seed, {split: {"labels", "predictions"}}) of every seed of the best configuration, or
+    None when any of them has no (matching) prediction file."""
+    entry = row["glue_tasks"].get(task)
+    if not isinstance(entry, dict):
+        return None
+    runs = [r for r in _best_runs(entry) if r.get("score") is not None]
+    if not runs:
+        return None
+    found = []
+    for run in runs:
+        try:
+            path = run_path(row["glue_dir"], task, float(run["lr"]), int(run["batch_size"]), int(run["seed"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        splits = load_run_predictions(path, record.get("fingerprint")) if isinstance(record, dict) else None
+        if not isinstance(splits, dict):
+            return None
+        found.append((run["seed"], splits))
+    return found
+
+
+def _column_predictions(
+    row: dict, column: ScoreColumn, cache: dict
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """[(labels, predictions)] per seed on the column's split, or None."""
+    key = (row["label"], column.task)
+    if key not in cache:
+        cache[key] = _task_predictions(row, column.task)
+    runs = cache[key]
+    if runs is None:
+        return None
+    pairs = []
+    for _, splits in runs:
+        stored = splits.get(column.split)
+        if not isinstance(stored, dict) or len(stored.get("labels", [])) != len(
+            stored.get("predictions", [])
+        ):
+            return None
+        if not stored["labels"]:
+            return None
+        pairs.append((np.asarray(stored["labels"]), np.asarray(stored["predictions"])))
+    return pairs
+
+
+def bootstrap_column(
+    column_index: int,
+    metrics: tuple[str, ...],
+    rows: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    samples: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Task scores [samples] of every row on the same example resamples of one dev set.
+
+    ``rows``: label → [(labels, predictions)] per fine-tuning seed, all on the same examples.
+    Example resamples come from ``default_rng([seed, column_index])``; with S > 1 seeds a row's
+    resample r averages S seeds drawn with replacement (``default_rng([seed, column_index,
+    crc32(label)])``), each scored on resample r's examples.
+    """
+    n = len(next(iter(rows.values()))[0][0])
+    rng = np.random.default_rng([seed, column_index])
+    per_seed = {label: np.empty((samples, len(runs))) for label, runs in rows.items()}
+    step = bootstrap.block_size(n)
+    for start in range(0, samples, step):
+        stop = min(samples, start + step)
+        weights = bootstrap.resample_counts(rng, n, stop - start)
+        for label, runs in rows.items():
+            for s, (labels, predictions) in enumerate(runs):
+                per_seed[label][start:stop, s] = bootstrap.score(metrics, weights, labels, predictions)
+    result = {}
+    for label, matrix in per_seed.items():
+        if matrix.shape[1] == 1:
+            result[label] = matrix[:, 0]
+        else:
+            seed_rng = np.random.default_rng([seed, column_index, zlib.crc32(label.encode())])
+            drawn = seed_rng.integers(0, matrix.shape[1], size=matrix.shape)
+            result[label] = np.take_along_axis(matrix, drawn, axis=1).mean(axis=1)
+    return result
+
+
+def _check_same_examples(column: ScoreColumn, found: dict[str, list], rows_by_label: dict) -> None:
+    reference_label, reference_runs = next(iter(found.items()))
+    reference = reference_runs[0][0]
+    for label, runs in found.items():
+        for labels, _ in runs:
+            if labels.shape != reference.shape or not np.array_equal(labels, reference):
+                raise BudgetKDError(
+                    f"the {column.task} {column.split} predictions of {label!r} (in "
+                    f"{rows_by_label[label]['glue_dir']}) are not on the same dev examples as those of "
+                    f"{reference_label!r}: Δ and its interval need every row evaluated on the same data; "
+                    f"redo the GLUE stage of one of them (budgetkd compare --force glue:LABEL)"
+                )
+
+
+def paired_bootstrap(rows: list[dict], columns: list[ScoreColumn], settings: ReportSettings) -> dict:
+    """{(label, column key): task scores [samples]} for every row and column with predictions."""
+    cache: dict = {}
+    scores: dict[tuple[str, str], np.ndarray] = {}
+    rows_by_label = {r["label"]: r for r in rows}
+    for column in columns:
+        found = {}
+        for row in rows:
+            if column.key in row["scores"]:
+                pairs = _column_predictions(row, column, cache)
+                if pairs is not None:
+                    found[row["label"]] = pairs
+        if not found:
+            continue
+        _check_same_examples(column, found, rows_by_label)
+        index = ALL_COLUMNS.index(column)
+        for label, values in bootstrap_column(
+            index, column.metrics, found, settings.bootstrap_samples, settings.bootstrap_seed
+        ).items():
+            scores[(label, column.key)] = values
+    return scores
+
+
+def _seed_bootstrap(row: dict, base: dict, tasks: list[str], samples: int, rng: np.random.Generator):
+    """Without prediction files: Δ resampled over the seeds of each task, per row (the old interval)."""
+    if all(len(row["scores"][t]) < 2 and len(base["scores"][t]) < 2 for t in tasks):
+        return None
+    total = np.zeros(samples)
+    for task in tasks:
+        a, b = np.asarray(row["scores"][task]), np.asarray(base["scores"][task])
+        total += rng.choice(a, (samples, len(a))).mean(1) - rng.choice(b, (samples, len(b))).mean(1)
+    return total / len(tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# the table
+
+
+def _mean_over(row: dict, keys: list[str]) -> float | None:
+    values = [float(np.mean(row["scores"][k])) for k in keys if k in row["scores"]]
     return float(np.mean(values)) if values else None
 
 
-def _bootstrap_delta(row: dict, base: dict, columns, rng: np.random.Generator) -> tuple[float, float] | None:
-    """95 % bootstrap interval of Δ = Avg(row) − Avg(base), resampling seeds per task and row."""
-    tasks = [t for t, _ in columns if t in row["scores"] and t in base["scores"]]
-    if not tasks or all(len(row["scores"][t]) < 2 and len(base["scores"][t]) < 2 for t in tasks):
-        return None
-    samples = np.zeros(BOOTSTRAP_SAMPLES)
-    for task in tasks:
-        a, b = np.asarray(row["scores"][task]), np.asarray(base["scores"][task])
-        samples += rng.choice(a, (BOOTSTRAP_SAMPLES, len(a))).mean(1) - rng.choice(
-            b, (BOOTSTRAP_SAMPLES, len(b))
-        ).mean(1)
-    samples /= len(tasks)
+def _interval(row, base, common, boot, settings, rng) -> tuple[tuple[float, float] | None, str | None]:
+    if all((r["label"], k) in boot for r in (row, base) for k in common):
+        samples = np.mean([boot[(row["label"], k)] - boot[(base["label"], k)] for k in common], axis=0)
+        several = any(len(r["scores"][k]) > 1 for r in (row, base) for k in common)
+        kind = INTERVAL_SEEDS_EXAMPLES if several else INTERVAL_EXAMPLES
+    else:
+        samples = _seed_bootstrap(row, base, common, settings.bootstrap_samples, rng)
+        kind = INTERVAL_SEEDS
+    if samples is None:
+        return None, None
     low, high = np.percentile(samples, [2.5, 97.5])
-    return float(low), float(high)
+    return (float(low), float(high)), kind
 
 
-def build_table(data: dict) -> dict:
+def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
     """Numbers of Table 2: per row the tokens, per-task mean/std, Avg, Δ and its interval."""
+    settings = settings or ReportSettings()
     rows = data["rows"]
-    columns = _columns(rows)
+    present = {key for row in rows for key in row["scores"]}
+    avg_keys = [c.key for c in ALL_COLUMNS if c.key in settings.avg_tasks and c.key in present]
+    # the paper's columns are always shown (as "–" when nobody has them), the others when present
+    avg_columns = [
+        c for c in ALL_COLUMNS if c.key in settings.avg_tasks and (c in PAPER_COLUMNS or c.key in present)
+    ]
+    extra_columns = [c for c in ALL_COLUMNS if c.key not in settings.avg_tasks and c.key in present]
     base = next((r for r in rows if r["strategy"] == "none"), None)
-    base_avg = _row_average(base, columns) if base else None
-    rng = np.random.default_rng(0)
+    avg_used = [COLUMN_BY_KEY[k] for k in avg_keys]
+    boot = paired_bootstrap(rows, avg_used, settings) if base is not None else {}
+    rng = np.random.default_rng(settings.bootstrap_seed)
     table = []
     for row in rows:
         cells = {}
-        for task, _ in columns:
-            values = row["scores"].get(task)
+        for column in avg_columns + extra_columns:
+            values = row["scores"].get(column.key)
             if values:
-                cells[task] = {
+                cells[column.key] = {
                     "mean": float(np.mean(values)),
                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
                     "n": len(values),
                 }
-        avg = _row_average(row, columns)
+        row_avg_tasks = [k for k in avg_keys if k in row["scores"]]
         is_base = row is base
-        delta = None if (is_base or avg is None or base_avg is None) else avg - base_avg
-        interval = (
-            None if is_base or base is None or delta is None else _bootstrap_delta(row, base, columns, rng)
-        )
+        delta = interval = kind = None
+        delta_tasks: list[str] = []
+        if base is not None and not is_base:
+            delta_tasks = [k for k in row_avg_tasks if k in base["scores"]]
+            if delta_tasks:
+                delta = _mean_over(row, delta_tasks) - _mean_over(base, delta_tasks)
+                interval, kind = _interval(row, base, delta_tasks, boot, settings, rng)
+        fewer = row_avg_tasks != avg_keys or (delta is not None and delta_tasks != avg_keys)
         summary = row["summary"] or {}
+        stopped_by = summary.get("stopped_by")
         table.append(
             {
                 "label": row["label"],
                 "strategy": row["strategy"],
                 "display": row["display"],
                 "tokens": (summary.get("consumed") or {}).get("tokens"),
+                "stopped_by": stopped_by if isinstance(stopped_by, str) else None,
+                "data_limited": isinstance(stopped_by, str) and stopped_by != "budget",
                 "cells": cells,
-                "avg": avg,
+                "avg": _mean_over(row, row_avg_tasks),
+                "avg_tasks": row_avg_tasks,
                 "delta": delta,
+                "delta_tasks": delta_tasks,
                 "delta_ci95": interval,
+                "interval": kind,
+                "fewer_tasks": fewer and bool(row_avg_tasks),
                 "is_base": is_base,
             }
         )
-    return {"columns": columns, "rows": table}
+    return {
+        "columns": avg_columns + extra_columns,
+        "avg_columns": avg_columns,
+        "extra_columns": extra_columns,
+        "avg_tasks": avg_keys,
+        "settings": settings,
+        "has_base": base is not None,
+        "rows": table,
+    }
 
 
 def _fmt_tokens(tokens) -> str:
@@ -244,6 +597,12 @@ def _fmt_cell(cell: dict | None) -> str:
     return text
 
 
+def _fmt_avg(row: dict) -> str:
+    if row["avg"] is None:
+        return "–"
+    return f"{100 * row['avg']:.1f}" + (MARK_FEWER_TASKS if row["fewer_tasks"] else "")
+
+
 def _fmt_delta(row: dict) -> str:
     if row["is_base"]:
         return "–"
@@ -253,98 +612,202 @@ def _fmt_delta(row: dict) -> str:
     if row["delta_ci95"] is not None:
         low, high = row["delta_ci95"]
         text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
-    return text
+    return text + (MARK_FEWER_TASKS if row["fewer_tasks"] else "")
+
+
+def _fmt_strategy(row: dict) -> str:
+    return row["display"] + (f" {MARK_DATA_LIMIT}" if row["data_limited"] else "")
+
+
+def _titles(keys) -> str:
+    return ", ".join(COLUMN_BY_KEY[k].title for k in keys) or "none"
+
+
+def table_notes(table: dict) -> list[str]:
+    """The sentences under the table: what Avg is over, what the interval is, the marks."""
+    settings: ReportSettings = table["settings"]
+    rows = table["rows"]
+    setting = (
+        "the paper's seven"
+        if settings.avg_tasks == PAPER_AVG_TASKS
+        else ", ".join(COLUMN_BY_KEY[k].title for k in settings.avg_tasks)
+    )
+    notes = [
+        "GLUE dev scores ×100 (MRPC F1, CoLA MCC, MNLI-m/-mm matched/mismatched accuracy, STS-B mean of "
+        "Pearson and Spearman, else accuracy); – = not evaluated.",
+        f"Avg = mean over {_titles(table['avg_tasks'])} (avg_tasks: {setting}, those present; set with "
+        "`budgetkd report DIR --avg-tasks …` or `report: {avg_tasks: […]}` in the experiment config)"
+        + (
+            f"; {_titles(c.key for c in table['extra_columns'])} shown beside it, not averaged."
+            if table["extra_columns"]
+            else "."
+        ),
+    ]
+    shown = {c.key for c in table["columns"]}
+    if any("mnli" in r["cells"] for r in rows) and "mnli_mm" not in shown:
+        notes.append("MNLI-mm: no row has a mismatched dev split evaluated (no dev_mismatched data).")
+    if not table["has_base"]:
+        notes.append("No No-KD row, so no Δ.")
+        return notes
+    kinds = {r["interval"] for r in rows if r["interval"]}
+    text = "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have"
+    if kinds & {INTERVAL_EXAMPLES, INTERVAL_SEEDS_EXAMPLES}:
+        text += (
+            f"; [low, high] = 95 % paired bootstrap interval: {settings.bootstrap_samples} resamples of "
+            "each task's dev examples, the same indices for both rows, each task's own metric recomputed "
+            "on them and averaged over the Δ tasks"
+        )
+        if INTERVAL_SEEDS_EXAMPLES in kinds:
+            text += (
+                "; resampled over seeds × examples (each resample also draws every row's fine-tuning seeds)"
+            )
+        if INTERVAL_EXAMPLES in kinds:
+            text += (
+                "; resampled over examples only (one fine-tuning seed)"
+                if INTERVAL_SEEDS_EXAMPLES not in kinds
+                else "; over examples only where a row has one seed"
+            )
+        text += f"; bootstrap RNG seed {settings.bootstrap_seed}"
+    if INTERVAL_SEEDS in kinds:
+        which = ", ".join(r["display"] for r in rows if r["interval"] == INTERVAL_SEEDS)
+        text += f"; {which}: no prediction files, interval resampled over fine-tuning seeds only"
+    missing = [
+        r["display"] for r in rows if not r["is_base"] and r["delta"] is not None and not r["interval"]
+    ]
+    if missing:
+        text += f"; no interval for {', '.join(missing)} (one seed and no prediction files)"
+    notes.append(text + ".")
+    for row in rows:
+        if row["fewer_tasks"]:
+            lacks = [k for k in table["avg_tasks"] if k not in row["avg_tasks"]]
+            text = f"{MARK_FEWER_TASKS} {row['display']}: Avg over {_titles(row['avg_tasks'])}"
+            if lacks:
+                text += f" (no {_titles(lacks)})"
+            if not row["is_base"] and row["delta"] is not None:
+                text += f"; Δ over {_titles(row['delta_tasks'])}"
+            notes.append(text + ".")
+    for row in rows:
+        if row["data_limited"]:
+            notes.append(
+                f"{MARK_DATA_LIMIT} {row['display']}: stopped by the {row['stopped_by']} before its budget "
+                "was spent."
+            )
+    return notes
 
 
 def render_markdown(table: dict, budget_rows: list[dict]) -> str:
-    titles = ["Strategy", "Total tokens"] + [title for _, title in table["columns"]] + ["Avg", "Δ"]
+    avg_titles = [c.title for c in table["avg_columns"]]
+    extra_titles = [c.title for c in table["extra_columns"]]
+    titles = ["Strategy", "Total tokens", *avg_titles, "Avg", "Δ [95 % CI]", *extra_titles]
     lines = ["# Knowledge distillation vs. pretraining from scratch under one compute budget", ""]
     lines += ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] + ["---:"] * (len(titles) - 1)) + "|"]
     for row in table["rows"]:
-        cells = [row["display"], _fmt_tokens(row["tokens"])]
-        cells += [_fmt_cell(row["cells"].get(task)) for task, _ in table["columns"]]
-        cells += ["–" if row["avg"] is None else f"{100 * row['avg']:.1f}", _fmt_delta(row)]
+        cells = [_fmt_strategy(row), _fmt_tokens(row["tokens"])]
+        cells += [_fmt_cell(row["cells"].get(c.key)) for c in table["avg_columns"]]
+        cells += [_fmt_avg(row), _fmt_delta(row)]
+        cells += [_fmt_cell(row["cells"].get(c.key)) for c in table["extra_columns"]]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for note in table_notes(table):
+        lines += [note, ""]
+    untrained = [b["display"] for b in budget_rows if not b["mlm_head_trained"]]
     lines += [
-        "",
-        "GLUE dev scores ×100 (MRPC F1, CoLA MCC, MNLI matched accuracy, STS-B mean of Pearson and Spearman, "
-        "else accuracy); – = not evaluated (left out of Avg). Δ = Avg − Avg(No-KD)"
-        + (
-            ", with a bootstrap 95 % interval over GLUE seeds"
-            if any(r["delta_ci95"] for r in table["rows"])
-            else ""
-        )
-        + ".",
-        "",
         "## Budget accounting",
         "",
         "| Strategy | Charged time | FLOPs | Teacher share of FLOPs | Teacher share of time | Tokens | Epochs "
-        "| Tokens/s | No-KD/KD throughput |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Tokens/s | No-KD/KD throughput | Val MLM loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in budget_rows:
         ratio = "–" if b["throughput_ratio"] is None else f"{b['throughput_ratio']:.2f}×"
+        loss = "—" if b["val_mlm_loss"] is None else f"{b['val_mlm_loss']:.3f}"
         lines.append(
             f"| {b['display']} | {b['time_s']:.1f} s | {b['flops']:.3g} | {100 * b['flops_teacher_share']:.1f} % "
             f"| {100 * b['time_teacher_share']:.1f} % | {_fmt_tokens(b['tokens'])} | {b['epochs']:.3f} "
-            f"| {b['tokens_per_s']:,.0f} | {ratio} |"
+            f"| {b['tokens_per_s']:,.0f} | {ratio} | {loss} |"
         )
-    lines += ["", "![GLUE scores](plots/glue_scores.png)", "", "![Validation loss](plots/val_loss.png)", ""]
+    lines.append("")
+    if untrained:
+        lines += [
+            f"— : {', '.join(untrained)} train with MLM weight 0, so the student's MLM head is never trained "
+            "and its validation MLM loss measures nothing (not shown here nor plotted).",
+            "",
+        ]
+    lines += ["![GLUE scores](plots/glue_scores.png)", "", "![Validation loss](plots/val_loss.png)", ""]
     lines += ["![Tokens processed](plots/tokens.png)", ""]
     return "\n".join(lines)
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 4)
 
 
 def render_csv(table: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    header = ["strategy", "label", "tokens"]
-    for task, _ in table["columns"]:
-        header += [task, f"{task}_std"]
-    writer.writerow(header + ["avg", "delta", "delta_ci95_low", "delta_ci95_high"])
+    header = ["strategy", "label", "tokens", "stopped_by"]
+    for column in table["columns"]:
+        header += [column.key, f"{column.key}_std"]
+    header += ["avg", "avg_tasks", "delta", "delta_low", "delta_high", "delta_tasks", "delta_interval"]
+    writer.writerow(header)
     for row in table["rows"]:
-        line = [row["display"], row["label"], row["tokens"]]
-        for task, _ in table["columns"]:
-            cell = row["cells"].get(task)
-            line += [
-                None if cell is None else round(100 * cell["mean"], 4),
-                None if cell is None or cell["std"] is None else round(100 * cell["std"], 4),
-            ]
-        ci = row["delta_ci95"] or (None, None)
+        line = [row["display"], row["label"], row["tokens"], row["stopped_by"]]
+        for column in table["columns"]:
+            cell = row["cells"].get(column.key)
+            line += [_pct(cell and cell["mean"]), _pct(cell and cell["std"])]
+        low, high = row["delta_ci95"] or (None, None)
         line += [
-            None if row["avg"] is None else round(100 * row["avg"], 4),
-            None if row["delta"] is None else round(100 * row["delta"], 4),
-            None if ci[0] is None else round(100 * ci[0], 4),
-            None if ci[1] is None else round(100 * ci[1], 4),
+            _pct(row["avg"]),
+            ";".join(row["avg_tasks"]),
+            _pct(row["delta"]),
+            _pct(low),
+            _pct(high),
+            ";".join(row["delta_tasks"]),
+            row["interval"],
         ]
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
 
 
 def _tex_escape(text: str) -> str:
-    return text.replace("&", r"\&").replace("%", r"\%").replace("_", r"\_").replace("#", r"\#")
+    text = text.replace("&", r"\&").replace("%", r"\%").replace("_", r"\_").replace("#", r"\#")
+    return (
+        text.replace("±", r"$\pm$")
+        .replace(MARK_FEWER_TASKS, r"$^\dagger$")
+        .replace(MARK_DATA_LIMIT, r"$^\ddagger$")
+        .replace("Δ", r"$\Delta$")
+        .replace("–", "--")
+    )
 
 
 def render_tex(table: dict) -> str:
-    n = len(table["columns"])
+    avg, extra = table["avg_columns"], table["extra_columns"]
     lines = [
-        r"\begin{tabular}{l r " + "r " * n + "r r}",
+        r"\begin{tabular}{l r " + "r " * len(avg) + "r r" + " r" * len(extra) + "}",
         r"\toprule",
         " & ".join(
-            ["Strategy", "Tokens"] + [_tex_escape(t) for _, t in table["columns"]] + ["Avg", r"$\Delta$"]
+            ["Strategy", "Tokens", *(_tex_escape(c.title) for c in avg), "Avg", r"$\Delta$"]
+            + [_tex_escape(c.title) for c in extra]
         )
         + r" \\",
         r"\midrule",
     ]
     for row in table["rows"]:
-        cells = [_tex_escape(row["display"]), _fmt_tokens(row["tokens"])]
-        cells += [_fmt_cell(row["cells"].get(task)).replace("±", r"$\pm$") for task, _ in table["columns"]]
-        cells += [
-            "–" if row["avg"] is None else f"{100 * row['avg']:.1f}",
-            _fmt_delta(row).replace("–", "--"),
-        ]
-        lines.append(" & ".join(c.replace("–", "--") for c in cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
-    return "\n".join(lines)
+        cells = [_fmt_strategy(row), _fmt_tokens(row["tokens"])]
+        cells += [_fmt_cell(row["cells"].get(c.key)) for c in avg]
+        cells += [_fmt_avg(row), _fmt_delta(row)]
+        cells += [_fmt_cell(row["cells"].get(c.key)) for c in extra]
+        lines.append(" & ".join(_tex_escape(c) for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += ["% " + note.replace("\n", " ") for note in table_notes(table)]
+    return "\n".join(lines) + "\n"
+
+
+def _final_val_mlm_loss(summary: dict) -> float | None:
+    value = summary.get("val_mlm_loss")
+    if value is None and summary.get("evaluations"):
+        value = summary["evaluations"][-1].get("val_mlm_loss")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def budget_rows(data: dict) -> list[dict]:
@@ -356,7 +819,18 @@ def budget_rows(data: dict) -> list[dict]:
         consumed = row["summary"]["consumed"]
         tps = consumed["tokens_per_s"]
         ratio = None if (base_tps is None or row is base or not tps) else base_tps / tps
-        out.append({"display": row["display"], "label": row["label"], **consumed, "throughput_ratio": ratio})
+        trained = row["mlm_head_trained"]
+        out.append(
+            {
+                "display": row["display"],
+                "label": row["label"],
+                **consumed,
+                "throughput_ratio": ratio,
+                "stopped_by": row["summary"].get("stopped_by"),
+                "mlm_head_trained": trained,
+                "val_mlm_loss": _final_val_mlm_loss(row["summary"]) if trained else None,
+            }
+        )
     return out
 
 
@@ -375,6 +849,9 @@ def render_budget_csv(rows: list[dict]) -> str:
         "steps",
         "tokens_per_s",
         "throughput_ratio",
+        "stopped_by",
+        "mlm_head_trained",
+        "val_mlm_loss",
     ]
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -403,13 +880,13 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     colour = {row["label"]: palette[i % len(palette)] for i, row in enumerate(rows)}
 
     # GLUE score per task and strategy
-    tasks = [(t, title) for t, title in table["columns"] if any(t in r["cells"] for r in rows)]
+    tasks = [c for c in table["columns"] if any(c.key in r["cells"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * (len(tasks) + 1)), 4))
     width = 0.8 / max(1, len(rows))
     positions = np.arange(len(tasks) + 1)
     for i, row in enumerate(rows):
-        values = [100 * row["cells"][t]["mean"] if t in row["cells"] else np.nan for t, _ in tasks]
-        errors = [100 * (row["cells"][t]["std"] or 0) if t in row["cells"] else 0 for t, _ in tasks]
+        values = [100 * row["cells"][c.key]["mean"] if c.key in row["cells"] else np.nan for c in tasks]
+        errors = [100 * (row["cells"][c.key]["std"] or 0) if c.key in row["cells"] else 0 for c in tasks]
         values.append(np.nan if row["avg"] is None else 100 * row["avg"])
         errors.append(0)
         ax.bar(
@@ -420,7 +897,7 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
             label=row["display"],
             color=colour[row["label"]],
         )
-    ax.set_xticks(positions + width * (len(rows) - 1) / 2, [title for _, title in tasks] + ["Avg"])
+    ax.set_xticks(positions + width * (len(rows) - 1) / 2, [c.title for c in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
     ax.set_title("GLUE dev score per task and strategy")
     ax.legend(fontsize=8)
@@ -428,20 +905,33 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     _save_figure(fig, paths[-1])
     plt.close(fig)
 
-    # validation losses against budget fraction
+    # validation losses against budget fraction; the MLM loss only where the MLM head trains
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    untrained = []
     for row in data["rows"]:
         evaluations = (row["summary"] or {}).get("evaluations") or []
         if not evaluations:
             continue
         x = [e["budget_fraction"] for e in evaluations]
         style = {"marker": "o", "label": row["display"], "color": colour[row["label"]]}
-        axes[0].plot(x, [e["val_mlm_loss"] for e in evaluations], **style)
+        if row["mlm_head_trained"]:
+            axes[0].plot(x, [e["val_mlm_loss"] for e in evaluations], **style)
+        else:
+            untrained.append(row["display"])
         kd = [(e["budget_fraction"], e["val_loss"]) for e in evaluations if e.get("val_loss") is not None]
         if kd and row["strategy"] != "none":
             axes[1].plot([a for a, _ in kd], [b for _, b in kd], **style)
     fig.suptitle("Validation loss against the fraction of the budget consumed")
-    axes[0].set_title("MLM loss (student's MLM head)")
+    axes[0].set_title("MLM loss (students whose MLM head trains)")
+    if untrained:
+        axes[0].text(
+            0.02,
+            0.02,
+            "not shown (MLM weight 0, head never trained):\n" + ", ".join(untrained),
+            transform=axes[0].transAxes,
+            fontsize=7,
+            va="bottom",
+        )
     axes[1].set_title("KD loss (each strategy's own objective)")
     kd_values = [v for line in axes[1].get_lines() for v in line.get_ydata() if v > 0]
     if kd_values and max(kd_values) / min(kd_values) > 20:
@@ -472,13 +962,23 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     return paths
 
 
-def write_report(out: str | Path) -> list[Path]:
-    """Write every report file of a compare directory; return their paths."""
+def write_report(
+    out: str | Path,
+    *,
+    avg_tasks=None,
+    bootstrap_samples: int | None = None,
+    bootstrap_seed: int | None = None,
+) -> list[Path]:
+    """Write every report file of a compare directory; return their paths. Settings not given
+    come from the experiment config's ``report`` mapping, else the defaults (:func:`resolve_settings`)."""
     out = Path(out)
     if not out.is_dir():
         raise BudgetKDError(f"report directory not found: {out}")
+    settings = resolve_settings(
+        out, avg_tasks=avg_tasks, bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed
+    )
     data = collect(out)
-    table = build_table(data)
+    table = build_table(data, settings)
     budgets = budget_rows(data)
     written = []
     for name, text in (
@@ -495,9 +995,32 @@ def write_report(out: str | Path) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="a budgetkd compare output directory")
+    parser.add_argument(
+        "--avg-tasks",
+        metavar="TASKS",
+        help="tasks averaged into Avg and Δ: 'paper' (default: QNLI, SST-2, MNLI-m, MRPC-F1, QQP, RTE, "
+        "CoLA-MCC), 'all' (also MNLI-mm, STS-B) or a list such as rte,mrpc,stsb",
+    )
+    parser.add_argument(
+        "--bootstrap-samples",
+        type=int,
+        metavar="N",
+        help=f"resamples of the paired bootstrap interval of Δ (default {BOOTSTRAP_SAMPLES})",
+    )
+    parser.add_argument(
+        "--bootstrap-seed",
+        type=int,
+        metavar="S",
+        help=f"seed of the bootstrap RNG (default {BOOTSTRAP_SEED})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = write_report(args.dir)
+    paths = write_report(
+        args.dir,
+        avg_tasks=args.avg_tasks,
+        bootstrap_samples=args.bootstrap_samples,
+        bootstrap_seed=args.bootstrap_seed,
+    )
     print("\n".join(str(p) for p in paths))
     return 0
