@@ -68,6 +68,9 @@ def test_crossover_interpolates_in_log_budget():
     assert found[0].budget == pytest.approx(math.sqrt(10))
     assert found[1].between == (100.0, 1000.0)
     assert first_crossover([1, 2, 4], [1.0, 0.5, 0.25]) is None
+    assert first_crossover([1, 2, 4], [0.0, 0.0, 0.0]) is None  # Δ = 0 throughout: no sign, no crossing
+    assert first_crossover([1, 2, 4, 8], [1.0, 0.0, 0.0, -1.0]) == 2.0  # reaches 0 at 2, negative at 8
+    assert first_crossover([1, 2, 4], [0.0, 1.0, 2.0]) is None  # starts at 0, then positive
 
 
 def test_crossover_interval_from_bootstrap_samples():

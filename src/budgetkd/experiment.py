@@ -233,6 +233,7 @@ class Experiment:
                     "tag": e["id"].split("@", 1)[1],
                     "budget": e["budget"],
                     "amount": Budget.parse(e["budget"]).amount,
+                    "point_amount": e["point"],
                     "run": str(e["run"]),
                     "schedule": {k: v for k, v in e["schedule"].items() if k != "snapshots"},
                 }
@@ -261,10 +262,11 @@ class Experiment:
         runs = self.out / "runs"
         entries: list[dict] = []
 
-        def entry(strategy, sid, point_budget, schedule_options, reuse=None):
+        def entry(strategy, sid, point_budget, schedule_options, reuse=None, point=None):
             return {
                 "id": sid,
                 "strategy": strategy,
+                "point": (point or point_budget).amount,
                 "budget": _budget_text(point_budget),
                 "run": runs / (reuse or sid),
                 "schedule": schedule_options,
@@ -286,11 +288,12 @@ class Experiment:
             label = strategy["label"]
             kd = REGISTRY[strategy["name"]].needs_teacher
             charged = [(tag, self._charged_budget(b, kd, charge)) for tag, b in points]
+            nominal = dict(points)
             if schedule == "linear":
                 for tag, point in charged:
                     # the calibration run is this strategy at exactly 1× the budget: reuse it
                     reuse = label if label == calibration_label and tag == "x1" else None
-                    entries.append(entry(strategy, f"{label}@{tag}", point, {}, reuse))
+                    entries.append(entry(strategy, f"{label}@{tag}", point, {}, reuse, nominal[tag]))
                 continue
             amounts = [b.amount for _, b in charged]
             warmup = cfg["optimizer"]["warmup"] * amounts[0]  # one warm-up for all points: the smallest's
@@ -299,10 +302,20 @@ class Experiment:
             trunk_tag, trunk_budget = charged[-1]
             trunk_id = f"{label}@{trunk_tag}"
             snapshots = [branch_amount(a, fraction) for a in amounts[:-1]]
-            entries.append(entry(strategy, trunk_id, trunk_budget, {**wsd, "snapshots": snapshots}))
+            entries.append(
+                entry(
+                    strategy,
+                    trunk_id,
+                    trunk_budget,
+                    {**wsd, "snapshots": snapshots},
+                    None,
+                    nominal[trunk_tag],
+                )
+            )
             for (tag, point), at in zip(charged[:-1], snapshots):
                 start = snapshot_path(runs / trunk_id, at)
-                entries.append(entry(strategy, f"{label}@{tag}", point, {**wsd, "init_from": str(start)}))
+                options = {**wsd, "init_from": str(start)}
+                entries.append(entry(strategy, f"{label}@{tag}", point, options, None, nominal[tag]))
         return entries
 
     def _pretrain(self, config, stage: str) -> dict:
@@ -563,10 +576,15 @@ class Experiment:
 
         self._say("stage report: writing tables and plots")
         atomic_write_json(self.out / "experiment.json", cfg)
-        paths = write_report(self.out)
+        if cfg["budget"].get("sweep"):
+            from budgetkd.sweep_report import write_sweep_report
+
+            paths = write_sweep_report(self.out)
+        else:
+            paths = write_report(self.out)
         book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
         atomic_write_json(self.out / "fairness.json", fairness)
-        self._say(f"done: {self.out / 'table.md'}")
+        self._say(f"done: {self.out / ('sweep.md' if cfg['budget'].get('sweep') else 'table.md')}")
         return {"fairness": fairness, "report": [str(p) for p in paths]}
 
     def _check_fairness(self, summaries: dict[str, dict]) -> dict:

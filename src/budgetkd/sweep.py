@@ -97,9 +97,10 @@ class Crossing:
 
 
 def crossings(budgets: Sequence[float], deltas: Sequence[float]) -> list[Crossing]:
-    """Every sign change of Δ between adjacent budgets, interpolated in log-budget (module doc).
+    """Every sign change of Δ between budgets, interpolated in log-budget (module doc).
 
-    A point with Δ exactly 0 is a crossing at that budget. ``budgets`` must be increasing.
+    Points where Δ is exactly 0 carry no sign: a change of sign across them is a crossing at the
+    first such point; Δ = 0 throughout has none. ``budgets`` must be increasing.
     """
     b = np.asarray(budgets, dtype=float)
     d = np.asarray(deltas, dtype=float)
@@ -107,15 +108,18 @@ def crossings(budgets: Sequence[float], deltas: Sequence[float]) -> list[Crossin
         raise BudgetKDError("crossover needs one Δ per budget")
     if np.any(np.diff(b) <= 0):
         raise BudgetKDError("crossover needs increasing budgets")
+    signed = [j for j in range(len(d)) if d[j] != 0.0]
     found: list[Crossing] = []
-    for j in range(len(b) - 1):
-        d0, d1 = d[j], d[j + 1]
-        if d0 == 0.0 and j == 0:
-            found.append(Crossing(float(b[0]), _direction(d0, d1), (float(b[0]), float(b[0]))))
-        if d0 * d1 < 0 or (d1 == 0.0 and d0 != 0.0):
-            x0, x1 = math.log(b[j]), math.log(b[j + 1])
-            x = x0 + d0 * (x1 - x0) / (d0 - d1)
-            found.append(Crossing(math.exp(x), _direction(d0, d1), (float(b[j]), float(b[j + 1]))))
+    for j, k in zip(signed, signed[1:]):
+        d0, d1 = d[j], d[k]
+        if d0 * d1 > 0:
+            continue
+        if k > j + 1:  # zeros in between: Δ reaches 0 at the first of them
+            found.append(Crossing(float(b[j + 1]), _direction(d0, d1), (float(b[j]), float(b[k]))))
+            continue
+        x0, x1 = math.log(b[j]), math.log(b[k])
+        x = x0 + d0 * (x1 - x0) / (d0 - d1)
+        found.append(Crossing(math.exp(x), _direction(d0, d1), (float(b[j]), float(b[k]))))
     return found
 
 

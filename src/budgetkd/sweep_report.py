@@ -162,10 +162,11 @@ def plot_sweep(
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, points in enumerate(averages.values()):
-        xs = [b * scale for b, _ in points["values"]]
+        values = sorted(points["values"])
+        xs = [v[0] * scale for v in values]
         ax.plot(
             xs,
-            [a for _, a in points["values"]],
+            [v[1] for v in values],
             marker="o",
             color=colours[i % len(colours)],
             label=points["display"],
@@ -216,3 +217,141 @@ def write_json(path: Path, payload: dict) -> Path:
 def write_text(path: Path, text: str) -> Path:
     atomic_write_text(path, text)
     return path
+
+
+# -- the whole report -----------------------------------------------------------------------------
+STUDENT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
+    """Every sweep file of a compare directory (module docstring); returns their paths."""
+    from budgetkd import report
+
+    out = Path(out)
+    sweep = read_sweep(out)
+    settings = settings or report.resolve_settings(out)
+    currency = sweep["currency"]
+    students = sweep["students"]
+    written: list[Path] = []
+    curves: dict[str, dict] = {}
+    averages: dict[str, dict] = {}
+    sections = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
+    for tag in sweep["points"]:
+        ids = [sid for sid, st in students.items() if st["tag"] == tag]
+        rows = [
+            report.collect_row(
+                sid, students[sid]["strategy"], Path(students[sid]["run"]), out / "glue" / sid / "glue.json"
+            )
+            for sid in ids
+        ]
+        data = {"rows": rows}
+        table = report.build_table(data, settings)
+        budgets = report.budget_rows(data)
+        point = students[ids[0]]["point_amount"]
+        written.append(write_text(out / "sweep" / f"table-{tag}.md", report.render_markdown(table, budgets)))
+        written.append(write_text(out / "sweep" / f"table-{tag}.csv", report.render_csv(table)))
+        sections += [f"## {tag}: {point:g} {currency}", ""]
+        sections += _compact_table(table)
+        base = next((r for r in rows if r["strategy"] == "none"), None)
+        boot = report.paired_bootstrap(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
+        rng = np.random.default_rng(settings.bootstrap_seed)
+        for row, trow in zip(rows, table["rows"]):
+            label = students[row["label"]]["label"]
+            averages.setdefault(label, {"display": _display(trow), "values": []})
+            if trow["avg"] is not None:
+                averages[label]["values"].append((point, 100 * trow["avg"], students[row["label"]]["amount"]))
+            if base is None or row is base or trow["delta"] is None:
+                continue
+            samples, kind = report.delta_samples(row, base, trow["delta_tasks"], boot, settings, rng)
+            curve = curves.setdefault(
+                label,
+                {
+                    "display": _display(trow),
+                    "budgets": [],
+                    "deltas": [],
+                    "low": [],
+                    "high": [],
+                    "samples": [],
+                    "kind": kind,
+                },
+            )
+            curve["budgets"].append(point)
+            curve["deltas"].append(100 * trow["delta"])
+            low, high = trow["delta_ci95"] or (None, None)
+            curve["low"].append(None if low is None else 100 * low)
+            curve["high"].append(None if high is None else 100 * high)
+            curve["samples"].append(None if samples is None else 100 * np.asarray(samples))
+    crossover = {}
+    for label, curve in curves.items():
+        samples = curve.pop("samples")
+        matrix = None
+        if all(s is not None for s in samples) and len({len(s) for s in samples}) == 1:
+            matrix = np.stack(samples, axis=1)  # [resamples, points]: paired across points
+        curve["crossover"] = crossover_summary(curve["budgets"], curve["deltas"], matrix)
+        crossover[label] = {
+            "display": curve["display"],
+            "currency": currency,
+            "points": [
+                {"budget": b, "delta": d, "low": lo, "high": hi}
+                for b, d, lo, hi in zip(curve["budgets"], curve["deltas"], curve["low"], curve["high"])
+            ],
+            "interval": curve["kind"],
+            **curve["crossover"],
+        }
+    by_students = None
+    charge = sweep.get("teacher_cost") or {}
+    if charge.get("mode") == "amortized" and "none" in {s["strategy"] for s in students.values()}:
+        key = {"time": "time_s", "flops": "flops"}[currency]
+        total = (charge.get("pretraining") or {}).get(key)
+        no_kd_label = next(s["label"] for s in students.values() if s["strategy"] == "none")
+        no_kd = [(b, a) for b, a, _ in sorted(averages.get(no_kd_label, {}).get("values", []))]
+        if total and len(no_kd) >= 2:
+            by_students = {}
+            for label in curves:
+                own = [(amount, a) for _, a, amount in sorted(averages[label]["values"])]
+                by_students[label] = crossover_vs_students(no_kd, own, total, list(STUDENT_COUNTS))
+                crossover[label]["by_students"] = by_students[label]
+    written.append(write_json(out / "sweep" / "crossover.json", crossover))
+    written.append(write_text(out / "sweep" / "long.csv", render_long_csv(long_rows(out, sweep))))
+    written += plot_sweep(out, currency, curves, averages, by_students)
+    sections += ["## Crossover (where Δ crosses 0, interpolated in log-budget)", ""]
+    for entry in crossover.values():
+        sections.append(f"- {entry['display']}: {_crossover_text(entry, currency)}")
+    sections += [
+        "",
+        "![Δ against budget](plots/delta_vs_budget.png)",
+        "",
+        "![Avg against budget](plots/avg_vs_budget.png)",
+        "",
+    ]
+    written.append(write_text(out / "sweep.md", "\n".join(sections)))
+    return written
+
+
+def _display(trow: dict) -> str:
+    return trow["display"].split(" (")[0]
+
+
+def _compact_table(table: dict) -> list[str]:
+    lines = ["| Strategy | Avg | Δ [95 % CI] |", "|---|---:|---:|"]
+    for row in table["rows"]:
+        avg = "–" if row["avg"] is None else f"{100 * row['avg']:.1f}"
+        if row["delta"] is None:
+            delta = "–" if not row["is_base"] else "0 (base)"
+        else:
+            delta = f"{100 * row['delta']:+.1f}"
+            if row["delta_ci95"]:
+                delta += f" [{100 * row['delta_ci95'][0]:+.1f}, {100 * row['delta_ci95'][1]:+.1f}]"
+        lines.append(f"| {row['display']} | {avg} | {delta} |")
+    return lines + [""]
+
+
+def _crossover_text(entry: dict, currency: str) -> str:
+    if entry.get("crossover") is None:
+        return entry.get("text", "no crossover in the swept range")
+    text = f"crossover at {entry['crossover']:.4g} {currency}"
+    if entry.get("low") is not None or entry.get("high") is not None:
+        low = "open" if entry.get("low") is None else f"{entry['low']:.4g}"
+        high = "open" if entry.get("high") is None else f"{entry['high']:.4g}"
+        text += f" (95 % interval {low} – {high})"
+    return text
