@@ -270,14 +270,14 @@ def test_max_epochs_data_limit_stops_before_crossing_it(make_config, tiny_data_d
     n = PackedData(tiny_data_dir).num_train
     batch = 16
     expected = math.floor(0.5 * n / batch)  # the next step would exceed half an epoch
+    # a time budget is not known in advance in steps: the run starts and stops at the data limit
     summary = pretrain(
-        make_config(
-            tmp_path / "run", data=str(tiny_data_dir), budget="1000steps", batch_size=batch, max_epochs=0.5
-        )
+        make_config(tmp_path / "run", data=str(tiny_data_dir), budget="1h", batch_size=batch, max_epochs=0.5)
     )
     assert summary["consumed"]["steps"] == expected
     assert summary["budget_exhausted"] is False
-    assert "max_epochs" in summary["stopped_by"]
+    assert summary["stopped_by"] == "data limit"
+    assert summary["max_epochs"] == 0.5
 
 
 class FakeClock:

@@ -134,7 +134,13 @@ def test_shipped_configs_validate():
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in configs.glob("*.yaml"))
-    assert names == ["demo.yaml", "paper-12l.yaml", "paper-6l-limited.yaml", "paper-6l.yaml"]
+    assert names == [
+        "demo-self-teacher.yaml",
+        "demo.yaml",
+        "paper-12l.yaml",
+        "paper-6l-limited.yaml",
+        "paper-6l.yaml",
+    ]
     for name in names:
         cfg = load_experiment(configs / name)
         assert cfg["strategies"][0]["name"] == "none"

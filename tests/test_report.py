@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import csv
 import json
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from budgetkd.cli import main
-from budgetkd.report import build_table, collect, write_report
+from budgetkd.errors import BudgetKDError
+from budgetkd.glue.metrics import compute_metrics
+from budgetkd.glue.search import Grid, run_path, save_run, summarize_task
+from budgetkd.glue.tasks import TASKS
+from budgetkd.report import (
+    ALL_COLUMNS,
+    COLUMN_BY_KEY,
+    LOGIT_DISTILLING_STRATEGIES,
+    PAPER_AVG_TASKS,
+    ReportSettings,
+    build_table,
+    collect,
+    mlm_head_trained,
+    resolve_settings,
+    write_report,
+)
 
 
 def _summary(strategy: str, display: str, tokens: int, time_s: float, flops_teacher: float) -> dict:
@@ -59,14 +76,21 @@ def _glue(scores: dict[str, list[float]]) -> dict:
 def compare_dir(tmp_path: Path) -> Path:
     rows = {
         # label: (strategy, display, tokens, time, teacher flops, {task: per-seed scores})
-        "none": ("none", "No-KD", 4_000_000, 100.0, 0.0, {"rte": [0.60], "mrpc": [0.80], "cola": [0.30]}),
+        "none": (
+            "none",
+            "No-KD",
+            4_000_000,
+            100.0,
+            0.0,
+            {"rte": [0.60], "mrpc": [0.80], "cola": [0.30], "stsb": [0.90]},
+        ),
         "vanilla": (
             "vanilla",
             "Vanilla-KD",
             2_000_000,
             100.0,
             2e12,
-            {"rte": [0.62], "mrpc": [0.79], "cola": [0.25]},
+            {"rte": [0.62], "mrpc": [0.79], "cola": [0.25], "stsb": [0.10]},
         ),
         "tinybert": ("tinybert", "TinyBERT", 2_500_000, 101.0, 1.5e12, {"rte": [0.66], "mrpc": [0.84]}),
     }
@@ -90,9 +114,17 @@ def test_averages_and_deltas_match_hand_computation(compare_dir: Path):
     assert rows["none"]["avg"] == pytest.approx(1.70 / 3)
     assert rows["vanilla"]["avg"] == pytest.approx(1.66 / 3)
     assert rows["vanilla"]["delta"] == pytest.approx(-0.04 / 3)
-    # TinyBERT has no CoLA: Avg over its two tasks (0.66 + 0.84) / 2 = 0.75, CoLA shown as missing.
+    # STS-B is shown but stays out of Avg (the paper's seven only)
+    assert rows["none"]["cells"]["stsb"]["mean"] == pytest.approx(0.90)
+    assert rows["none"]["avg_tasks"] == ["mrpc", "rte", "cola"]
+    # TinyBERT has no CoLA: Avg over its two tasks (0.66 + 0.84) / 2 = 0.75, CoLA shown as missing,
+    # and Δ over the tasks both rows have: (0.66 + 0.84) / 2 − (0.60 + 0.80) / 2 = +0.05 — not the
+    # 0.75 − 0.567 = +0.18 that the missing task alone would give.
     assert rows["tinybert"]["avg"] == pytest.approx(0.75)
     assert "cola" not in rows["tinybert"]["cells"]
+    assert rows["tinybert"]["delta"] == pytest.approx(0.05)
+    assert rows["tinybert"]["delta_tasks"] == ["mrpc", "rte"]
+    assert rows["tinybert"]["fewer_tasks"] and not rows["vanilla"]["fewer_tasks"]
     assert rows["none"]["delta"] is None and rows["none"]["is_base"]
     # the worse configuration (score 0.0) never enters: the best configuration's seeds only
     assert rows["none"]["cells"]["rte"]["mean"] == pytest.approx(0.60)
@@ -120,10 +152,20 @@ def test_written_files_and_their_numbers(compare_dir: Path):
     md = (compare_dir / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Strategy | Total tokens"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Strategy", "Total tokens", "QNLI", "SST-2", "MNLI", "MRPC-F1", "QQP", "RTE", "CoLA-MCC", "Avg", "Δ",
+        "Strategy", "Total tokens", "QNLI", "SST-2", "MNLI-m", "MRPC-F1", "QQP", "RTE", "CoLA-MCC", "Avg",
+        "Δ [95 % CI]", "STS-B",
     ]  # fmt: skip
     vanilla_line = next(line for line in md.splitlines() if line.startswith("| Vanilla-KD"))
     assert "| 2.0M |" in vanilla_line and "| 55.3 |" in vanilla_line and "| -1.3 |" in vanilla_line
+    assert vanilla_line.endswith("| 10.0 |")  # STS-B after Δ
+    tinybert_line = next(line for line in md.splitlines() if line.startswith("| TinyBERT"))
+    assert "| 75.0† | +5.0† |" in tinybert_line
+    assert "† TinyBERT: Avg over MRPC-F1, RTE (no CoLA-MCC); Δ over MRPC-F1, RTE." in md
+    assert "Avg = mean over MRPC-F1, RTE, CoLA-MCC (avg_tasks: the paper's seven" in md
+    assert "STS-B shown beside it, not averaged" in md
+    assert float(rows["tinybert"]["delta"]) == pytest.approx(5.0, abs=1e-3)
+    assert rows["tinybert"]["delta_tasks"] == "mrpc;rte"
+    assert float(rows["none"]["stsb"]) == pytest.approx(90.0)
     # budget: No-KD/KD throughput ratio = (4e6/100) / (2e6/100) = 2.00
     with open(compare_dir / "budget.csv") as handle:
         budget = {r["label"]: r for r in csv.DictReader(handle)}
@@ -147,7 +189,10 @@ def test_several_seeds_give_mean_std_and_a_bootstrap_interval(compare_dir: Path)
     # every resample of the seeds gives a Δ between 0.06 and 0.14; the interval holds 0.10
     assert 0.06 - 1e-9 <= low <= 0.10 <= high <= 0.14 + 1e-9
     write_report(compare_dir)
-    assert "± 2.0" in (compare_dir / "table.md").read_text()
+    assert rows["vanilla"]["interval"] == "seeds"  # no prediction files here: seeds only, and said so
+    md = (compare_dir / "table.md").read_text()
+    assert "± 2.0" in md
+    assert "Vanilla-KD, TinyBERT: no prediction files, interval resampled over fine-tuning seeds only" in md
 
 
 def test_report_command_and_its_errors(compare_dir: Path, tmp_path: Path, capsys):
@@ -155,3 +200,265 @@ def test_report_command_and_its_errors(compare_dir: Path, tmp_path: Path, capsys
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("budgetkd: error:")
+
+
+# ----------------------------------------------------------------------------------------------
+# the paired bootstrap, from prediction files written by the GLUE code itself
+
+LR, BS = 5e-5, 32
+
+
+def _write_glue_with_predictions(glue_dir: Path, predictions: dict) -> None:
+    """``predictions``: task → seed → split → (labels, predictions). Run files, prediction files
+    and glue.json are written by budgetkd.glue's own functions, the metrics by scikit-learn/scipy."""
+    grid = Grid((LR,), (BS,))
+    seeds = sorted({seed for per_seed in predictions.values() for seed in per_seed})
+    tasks = {}
+    for name, per_seed in predictions.items():
+        task = TASKS[name]
+        records = {}
+        for seed, splits in per_seed.items():
+            metrics = {}
+            for split in task.dev_splits:
+                if split.name in splits:
+                    labels, predicted = splits[split.name]
+                    metrics.update(compute_metrics(task, labels, predicted, split.metric_suffix))
+            record = {"fingerprint": f"{glue_dir.name}-{name}-{seed}", "metrics": metrics}
+            stored = {s: {"labels": list(y), "predictions": list(p)} for s, (y, p) in splits.items()}
+            save_run(run_path(glue_dir, name, LR, BS, seed), record, stored)
+            records[(LR, BS, seed)] = record
+        tasks[name] = summarize_task(task, grid, sorted(per_seed), records)
+    (glue_dir / "glue.json").write_text(json.dumps({"tasks": tasks, "seeds": seeds}))
+
+
+def _make_dir(tmp_path: Path, rows: dict, summaries: dict | None = None) -> Path:
+    """rows: label → (strategy, display, glue predictions); a summary per row as in _summary."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "experiment.json").write_text(
+        json.dumps({"strategies": [{"label": k, "name": v[0]} for k, v in rows.items()]})
+    )
+    for label, (strategy, display, predictions) in rows.items():
+        run_dir = tmp_path / "runs" / label
+        run_dir.mkdir(parents=True)
+        summary = (summaries or {}).get(label) or _summary(strategy, display, 1_000_000, 100.0, 1e12)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        (tmp_path / "glue" / label).mkdir(parents=True)
+        _write_glue_with_predictions(tmp_path / "glue" / label, predictions)
+    return tmp_path
+
+
+def _noisy(rng, labels, correct: float):
+    """Predictions equal to the labels with probability ``correct``, else another class."""
+    labels = np.asarray(labels)
+    return np.where(rng.random(len(labels)) < correct, labels, 1 - labels)
+
+
+def _predictions(seed: int, quality: float, with_cola: bool = True, seeds=(1,)) -> dict:
+    """RTE (accuracy), MRPC (F1), CoLA (MCC), STS-B; the same dev labels for every row."""
+    truth = np.random.default_rng(100)
+    rte, mrpc, cola = truth.integers(0, 2, 40), truth.integers(0, 2, 30), truth.integers(0, 2, 50)
+    stsb = np.round(truth.random(30) * 5, 1)
+    out: dict = {"rte": {}, "mrpc": {}, "stsb": {}}
+    if with_cola:
+        out["cola"] = {}
+    for s in seeds:
+        rng = np.random.default_rng([seed, s])
+        out["rte"][s] = {"dev": (rte.tolist(), _noisy(rng, rte, quality).tolist())}
+        out["mrpc"][s] = {"dev": (mrpc.tolist(), _noisy(rng, mrpc, quality).tolist())}
+        out["stsb"][s] = {"dev": (stsb.tolist(), (stsb + rng.normal(0, 3 * (1 - quality), 30)).tolist())}
+        if with_cola:
+            out["cola"][s] = {"dev": (cola.tolist(), _noisy(rng, cola, quality).tolist())}
+    return out
+
+
+def _brute_force_interval(rows: dict, base: str, label: str, tasks: list[str], samples: int, seed: int):
+    """The documented bootstrap written out with explicit index resamples and the library metrics."""
+    deltas = np.zeros(samples)
+    for key in tasks:
+        column = COLUMN_BY_KEY[key]
+        task = TASKS[column.task]
+        index = ALL_COLUMNS.index(column)
+        first = rows[base][2][column.task]
+        n = len(next(iter(first.values()))[column.split][0])
+        indices = np.random.default_rng([seed, index]).integers(0, n, size=(samples, n))
+        side = {}
+        for who in (label, base):
+            per_seed = rows[who][2][column.task]
+            matrix = np.empty((samples, len(per_seed)))
+            for s, (_, splits) in enumerate(sorted(per_seed.items())):
+                y, p = (np.asarray(v) for v in splits[column.split])
+                for r, i in enumerate(indices):
+                    values = compute_metrics(task, y[i], p[i])
+                    matrix[r, s] = np.mean([values[m] for m in column.metrics])
+            if matrix.shape[1] > 1:
+                rng = np.random.default_rng([seed, index, zlib.crc32(who.encode())])
+                drawn = rng.integers(0, matrix.shape[1], size=matrix.shape)
+                matrix = np.take_along_axis(matrix, drawn, axis=1)
+            side[who] = matrix.mean(axis=1)
+        deltas += side[label] - side[base]
+    return tuple(np.percentile(deltas / len(tasks), [2.5, 97.5]))
+
+
+def test_one_seed_gives_a_paired_bootstrap_interval_equal_to_the_brute_force_one(tmp_path: Path):
+    rows = {
+        "none": ("none", "No-KD", _predictions(1, 0.6)),
+        "vanilla": ("vanilla", "Vanilla-KD", _predictions(2, 0.75)),
+        "tinybert": ("tinybert", "TinyBERT", _predictions(3, 0.7, with_cola=False)),
+    }
+    out = _make_dir(tmp_path, rows)
+    settings = ReportSettings(bootstrap_samples=60, bootstrap_seed=5)  # few: the reference is slow
+    table = {r["label"]: r for r in build_table(collect(out), settings)["rows"]}
+    for label, tasks in (("vanilla", ["mrpc", "rte", "cola"]), ("tinybert", ["mrpc", "rte"])):
+        row = table[label]
+        assert row["interval"] == "examples" and row["delta_tasks"] == tasks
+        expected = _brute_force_interval(rows, "none", label, tasks, 60, 5)
+        assert row["delta_ci95"] == pytest.approx(expected, abs=1e-12)
+        low, high = row["delta_ci95"]
+        assert low < row["delta"] < high
+    write_report(out, bootstrap_samples=200, bootstrap_seed=5)
+    md = (out / "table.md").read_text()
+    assert "95 % paired bootstrap interval: 200 resamples" in md
+    table = {
+        r["label"]: r
+        for r in build_table(collect(out), ReportSettings(bootstrap_samples=200, bootstrap_seed=5))["rows"]
+    }
+    assert "resampled over examples only (one fine-tuning seed); bootstrap RNG seed 5." in md
+    with open(out / "table.csv") as handle:
+        csv_rows = {r["label"]: r for r in csv.DictReader(handle)}
+    assert csv_rows["vanilla"]["delta_interval"] == "examples"
+    assert float(csv_rows["vanilla"]["delta_low"]) == pytest.approx(
+        100 * table["vanilla"]["delta_ci95"][0], abs=1e-3
+    )
+    # deterministic: the same directory and settings give the same table, byte for byte
+    first = (out / "table.csv").read_bytes()
+    write_report(out, bootstrap_samples=200, bootstrap_seed=5)
+    assert (out / "table.csv").read_bytes() == first
+
+
+def _accuracy_task(labels, predicted) -> dict:
+    return {1: {"dev": (list(labels), list(predicted))}}
+
+
+def test_hand_computed_bootstrap_cases(tmp_path: Path):
+    # RTE: No-KD wrong on all 4 examples, the student right on all: every resample has Δ_RTE = 1.
+    # MRPC: identical predictions: Δ_MRPC = 0 on every resample. Δ = (1 + 0) / 2 = 0.5 exactly.
+    labels = [0, 1, 1, 0]
+    wrong = [1, 0, 0, 1]
+    mrpc = ([0, 1, 1, 0, 1], [0, 1, 0, 0, 1])
+    rows = {
+        "none": ("none", "No-KD", {"rte": _accuracy_task(labels, wrong), "mrpc": {1: {"dev": mrpc}}}),
+        "vanilla": (
+            "vanilla",
+            "Vanilla-KD",
+            {"rte": _accuracy_task(labels, labels), "mrpc": {1: {"dev": mrpc}}},
+        ),
+        "same": ("minilm", "MiniLM", {"rte": _accuracy_task(labels, wrong), "mrpc": {1: {"dev": mrpc}}}),
+    }
+    table = {r["label"]: r for r in build_table(collect(_make_dir(tmp_path / "a", rows)))["rows"]}
+    assert table["vanilla"]["delta"] == pytest.approx(0.5)
+    assert table["vanilla"]["delta_ci95"] == pytest.approx((0.5, 0.5))
+    # identical predictions: Δ = 0 and the interval is [0, 0]
+    assert table["same"]["delta"] == 0 and table["same"]["delta_ci95"] == (0.0, 0.0)
+
+    # Two examples, the student right on the first only, No-KD on none: a resample's Δ is the
+    # share of draws of example 0, i.e. 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5th and 97.5th percentiles are 0 and 1.
+    rows = {
+        "none": ("none", "No-KD", {"rte": _accuracy_task([0, 1], [1, 0])}),
+        "vanilla": ("vanilla", "Vanilla-KD", {"rte": _accuracy_task([0, 1], [0, 0])}),
+    }
+    table = {r["label"]: r for r in build_table(collect(_make_dir(tmp_path / "b", rows)))["rows"]}
+    assert table["vanilla"]["delta"] == pytest.approx(0.5)
+    assert table["vanilla"]["delta_ci95"] == pytest.approx((0.0, 1.0))
+
+
+def test_several_seeds_resample_seeds_and_examples(tmp_path: Path):
+    rows = {
+        "none": ("none", "No-KD", _predictions(1, 0.6, seeds=(1, 2))),
+        "vanilla": ("vanilla", "Vanilla-KD", _predictions(2, 0.75, seeds=(1, 2, 3))),
+    }
+    out = _make_dir(tmp_path, rows)
+    table = {r["label"]: r for r in build_table(collect(out), ReportSettings(bootstrap_samples=40))["rows"]}
+    row = table["vanilla"]
+    assert row["interval"] == "seeds x examples"
+    assert row["cells"]["rte"]["n"] == 3 and row["cells"]["rte"]["std"] is not None
+    assert row["delta_ci95"] == pytest.approx(
+        _brute_force_interval(rows, "none", "vanilla", ["mrpc", "rte", "cola"], 40, 0), abs=1e-12
+    )
+    write_report(out)
+    assert "resampled over seeds × examples" in (out / "table.md").read_text()
+
+
+def test_avg_tasks_setting_from_the_command_line_and_the_experiment_config(tmp_path: Path, capsys):
+    rows = {
+        "none": ("none", "No-KD", _predictions(1, 0.6)),
+        "vanilla": ("vanilla", "Vanilla-KD", _predictions(2, 0.75)),
+    }
+    out = _make_dir(tmp_path, rows)
+    scores = {r["label"]: r for r in collect(out)["rows"]}["none"]["scores"]
+    assert main(["report", str(out), "--avg-tasks", "rte,sts-b", "--bootstrap-samples", "100"]) == 0
+    with open(out / "table.csv") as handle:
+        none = {r["label"]: r for r in csv.DictReader(handle)}["none"]
+    assert none["avg_tasks"] == "rte;stsb"
+    assert float(none["avg"]) == pytest.approx(100 * (scores["rte"][0] + scores["stsb"][0]) / 2, abs=1e-3)
+    assert "Avg = mean over RTE, STS-B (avg_tasks: RTE, STS-B" in (out / "table.md").read_text()
+    # the experiment config's report mapping, read from experiment.json
+    experiment = json.loads((out / "experiment.json").read_text())
+    (out / "experiment.json").write_text(json.dumps({**experiment, "report": {"avg_tasks": ["mrpc"]}}))
+    assert resolve_settings(out).avg_tasks == ("mrpc",)
+    assert resolve_settings(out, avg_tasks="paper").avg_tasks == PAPER_AVG_TASKS  # the command line wins
+    # bad settings: one line, exit 2
+    capsys.readouterr()
+    assert main(["report", str(out), "--avg-tasks", "rte,wnli"]) == 2
+    assert main(["report", str(out), "--bootstrap-samples", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown task 'wnli'" in err[0] and "bootstrap_samples" in err[1]
+
+
+def test_rows_on_other_dev_examples_are_refused(tmp_path: Path):
+    other = _predictions(2, 0.75)
+    labels, predicted = other["rte"][1]["dev"]
+    other["rte"][1]["dev"] = (labels[:-1], predicted[:-1])
+    rows = {"none": ("none", "No-KD", _predictions(1, 0.6)), "vanilla": ("vanilla", "Vanilla-KD", other)}
+    with pytest.raises(BudgetKDError, match="not on the same dev examples"):
+        build_table(collect(_make_dir(tmp_path, rows)))
+
+
+def _tinybert_run_config(run_dir: Path, options: dict) -> None:
+    (run_dir / "run_config.json").write_text(json.dumps({"resolved": {"strategy_options": options}}))
+
+
+def test_untrained_mlm_heads_are_not_tabulated_and_data_limited_runs_are_marked(compare_dir: Path):
+    _tinybert_run_config(compare_dir / "runs" / "tinybert", {"mlm_weight": 0.0, "embedding_weight": 1.0})
+    summary_path = compare_dir / "runs" / "vanilla" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["stopped_by"] = "data limit (max_epochs)"
+    summary_path.write_text(json.dumps(summary))
+    write_report(compare_dir)
+    with open(compare_dir / "budget.csv") as handle:
+        budget = {r["label"]: r for r in csv.DictReader(handle)}
+    assert budget["tinybert"]["val_mlm_loss"] == "" and budget["tinybert"]["mlm_head_trained"] == "False"
+    assert float(budget["vanilla"]["val_mlm_loss"]) == pytest.approx(6.0)
+    md = (compare_dir / "table.md").read_text()
+    tinybert_budget = [line for line in md.splitlines() if line.startswith("| TinyBERT")][-1]
+    assert tinybert_budget.endswith("| — |")
+    assert "— : TinyBERT train with MLM weight 0" in md
+    assert "| Vanilla-KD ‡ |" in md
+    assert "‡ Vanilla-KD: stopped by the data limit (max_epochs) before its budget was spent." in md
+    with open(compare_dir / "table.csv") as handle:
+        table = {r["label"]: r for r in csv.DictReader(handle)}
+    assert table["vanilla"]["stopped_by"] == "data limit (max_epochs)"
+
+
+def test_which_students_train_their_mlm_head():
+    from budgetkd.strategies import REGISTRY
+
+    # the report's copy of Strategy.needs_teacher_logits (kept so that it never imports torch)
+    assert LOGIT_DISTILLING_STRATEGIES == {n for n, cls in REGISTRY.items() if cls.needs_teacher_logits}
+    assert mlm_head_trained("none", None, {})
+    assert mlm_head_trained("vanilla", None, {"mlm_weight": 0.0})  # its KD term trains the logits
+    assert not mlm_head_trained("tinybert", None, {"mlm_weight": 0.0})
+    assert mlm_head_trained("tinybert", None, {"mlm_weight": 0.5})
+    for name in ("tinybert", "minilm", "minilmv2"):  # no run_config.json: the strategy's defaults
+        assert not mlm_head_trained(name, None, None)
+    assert mlm_head_trained("minilm", {"mlm_head_trained": True}, {"mlm_weight": 0.0})  # the run's own word

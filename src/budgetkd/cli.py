@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,12 @@ def _add_prepare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=_positive_int, default=128)
     parser.add_argument("--validation-fraction", type=_float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="tokenizing processes (default: every available core; the output does not depend on it)",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -67,6 +74,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         seed=args.seed,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(
         f"prepared {args.out}: {meta['num_documents']} documents, {meta['num_train_sequences']} train / "
@@ -235,10 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -3steps`` → ``--budget=-3steps``: argparse takes a value that starts with ``-``
+    and is not a plain number for an option and answers "expected one argument"; attached, the
+    value reaches its own check, which refuses it with its own message (a negative budget, a
+    negative learning rate written ``-1e-3``)."""
+    out: list[str] = []
+    for token in argv:
+        if out and _NEGATIVE.match(token) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+_NEGATIVE = re.compile(r"^-\.?[0-9]")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return int(COMMANDS[args.command][2](args) or 0)
     except BudgetKDError as exc:

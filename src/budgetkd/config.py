@@ -9,13 +9,19 @@ Schema (defaults in brackets)::
     name: str                                   [the file's stem]
     seed: int                                   [0]   student init, dropout, data order, masks
     data:
-      inputs: [PATH | hf:NAME[:CONFIG][:SPLIT], …]        (required)
+      inputs: [PATH | hf:NAME[:CONFIG][:SPLIT], …]        (required, unless prepared)
+      prepared: DIR                             [null] a `budgetkd prepare` output to use as is
+                                                (its tokenizer and seq_len are checked first)
       tokenizer: teacher | PATH_OR_HUB_ID | {train: VOCAB_SIZE}   [teacher]
       seq_len: int                              [128]
       validation_fraction: float                [0.01]
     teacher:                                    (required unless every strategy is none)
       path: PATH_OR_HUB_ID                      one of path / pretrain
-      pretrain: {student: ARCH, budget: BUDGET, batch_size: int, lr: float, micro_batch_size: int}
+      fit_mlm_head: null | false | true | {budget [500steps], lr [1e-3], batch_size [32],
+                    warmup [0.06], weight_decay [0], num_evals [5], eval_sequences [512]}
+                    [null: fitted when the teacher is encoder-only and a strategy needs logits]
+      pretrain: {student: ARCH, budget: BUDGET, batch_size: int, lr: float, micro_batch_size: int,
+                 dropout: float [null = BERT's 0.1]}
     student: PRESET | {layers, hidden, heads, intermediate}    (required)
     strategies: [none | vanilla | … | {name: …, lr: float, options: {…}}, …]   (required)
     budget:                                     exactly one of calibrate / explicit
@@ -28,7 +34,9 @@ Schema (defaults in brackets)::
                                                 [inference] (SPEC §7a)
     data_setting: unlimited | limited           [unlimited]: a KD run never starts a 2nd epoch
     optimizer:
-      batch_size [1024], micro_batch_size [null], lr_no_kd [1e-3], lr_kd [5e-4], warmup [0.06],
+      batch_size [1024] (global), micro_batch_size [null → 64] (the most one device holds; the
+      per-process micro-batch is its largest divisor ≤ this, see data.dataset.resolve_micro_batch),
+      lr_no_kd [1e-3], lr_kd [5e-4], warmup [0.06],
       weight_decay [0.01], adam_betas [[0.9, 0.98]], adam_eps [1e-6], max_grad_norm [0]
     training: {num_evals [10], eval_sequences [512], dropout [null], fixed_mask_count [false],
                device [auto], checkpoint_interval_s [600], checkpoint_every_steps [0],
@@ -38,7 +46,9 @@ Schema (defaults in brackets)::
       tasks: all | [cola, sst2, …]              [all]
       grid: paper | "lr=…,bs=…"                 [paper]
       epochs: int [5], seeds: [int] [[1]], max_train_examples: int | null [null],
-      max_eval_examples: int | null [null], save_predictions: bool [true], device [auto]
+      max_eval_examples: int | null [null], save_predictions: bool [true], device [auto],
+      stack: auto | bool [auto] (learning rates trained together; auto = on CUDA),
+      group_by_length: bool [false], threads: int | null [null → 1 per job on CPU]
 """
 
 from __future__ import annotations
@@ -84,8 +94,17 @@ GLUE_DEFAULTS = {
     "max_eval_examples": None,
     "save_predictions": True,
     "device": "auto",
+    "stack": "auto",
+    "group_by_length": False,
+    "threads": None,
 }
-DATA_DEFAULTS = {"inputs": None, "tokenizer": "teacher", "seq_len": 128, "validation_fraction": 0.01}
+DATA_DEFAULTS = {
+    "inputs": None,
+    "prepared": None,
+    "tokenizer": "teacher",
+    "seq_len": 128,
+    "validation_fraction": 0.01,
+}
 TOP_KEYS = {
     "name",
     "seed",
@@ -143,6 +162,31 @@ def _budget(value: Any, key: str) -> Budget:
         return Budget.parse(value if isinstance(value, (str, int, float)) else str(value))
     except BudgetKDError as exc:
         raise BudgetKDError(f"config key {key!r}: {exc}") from None
+
+
+def _fit_mlm_head(block: Any) -> dict | bool | None:
+    """``teacher.fit_mlm_head``: null (fit when the teacher is encoder-only and a strategy needs
+    logits), false (never), true (always, defaults) or a mapping of :data:`HEAD_DEFAULTS` keys."""
+    from budgetkd.teacher_head import HEAD_DEFAULTS
+
+    if block is None or block is False:
+        return block
+    if block is True:
+        block = {}
+    block = _merge(block, HEAD_DEFAULTS, "teacher.fit_mlm_head")
+    _budget(block["budget"], "teacher.fit_mlm_head.budget")
+    block["budget"] = str(block["budget"])
+    for key in ("batch_size", "num_evals", "eval_sequences"):
+        _check(block[key], int, f"teacher.fit_mlm_head.{key}")
+        if block[key] <= 0:
+            raise BudgetKDError(f"config key 'teacher.fit_mlm_head.{key}' must be positive")
+    for key in ("lr", "warmup", "weight_decay"):
+        _check(block[key], float, f"teacher.fit_mlm_head.{key}")
+    if not block["lr"] > 0:
+        raise BudgetKDError("config key 'teacher.fit_mlm_head.lr' must be positive")
+    if not 0 <= block["warmup"] < 1:
+        raise BudgetKDError("config key 'teacher.fit_mlm_head.warmup' must lie in [0, 1)")
+    return block
 
 
 def check_teacher_path(path: str, key: str = "teacher.path") -> None:
@@ -213,12 +257,20 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     # data
     data = _merge(raw.get("data"), DATA_DEFAULTS, "data")
     inputs = data["inputs"]
-    if inputs is None:
-        raise BudgetKDError("config key 'data.inputs' is required (corpus files, folders or hf:NAME)")
+    _check(data["prepared"], str, "data.prepared", optional=True)
+    if inputs is None and data["prepared"] is not None:
+        inputs = []  # a dataset prepared once (budgetkd prepare), shared by many experiments
+    elif inputs is None:
+        raise BudgetKDError(
+            "config key 'data.inputs' is required (corpus files, folders or hf:NAME), "
+            "or 'data.prepared: DIR' (a budgetkd prepare output)"
+        )
+    elif data["prepared"] is not None:
+        raise BudgetKDError("config keys 'data.inputs' and 'data.prepared' exclude each other; give one")
     if isinstance(inputs, str):
         inputs = [inputs]
     _check(inputs, list, "data.inputs")
-    if not inputs:
+    if not inputs and data["prepared"] is None:
         raise BudgetKDError("config key 'data.inputs' must not be empty")
     for i, item in enumerate(inputs):
         _check(item, str, f"data.inputs[{i}]")
@@ -299,17 +351,34 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
         cfg["teacher"] = None
     else:
         _check(teacher, dict, "teacher")
-        unknown = set(teacher) - {"path", "pretrain"}
+        unknown = set(teacher) - {"path", "pretrain", "fit_mlm_head"}
         if unknown:
-            raise BudgetKDError(f"unknown config key teacher.{sorted(unknown)[0]!r} (known: path, pretrain)")
+            raise BudgetKDError(
+                f"unknown config key teacher.{sorted(unknown)[0]!r} (known: path, pretrain, fit_mlm_head)"
+            )
         if ("path" in teacher) == ("pretrain" in teacher):
             raise BudgetKDError("config key 'teacher' needs exactly one of 'path' and 'pretrain'")
+        if "pretrain" in teacher and teacher.get("fit_mlm_head") not in (None, False):
+            raise BudgetKDError(
+                "config key 'teacher.fit_mlm_head' applies to teacher.path only: "
+                "a teacher pretrained by budgetkd has its MLM head"
+            )
         if "path" in teacher:
-            cfg["teacher"] = {"path": _check(teacher["path"], str, "teacher.path")}
+            cfg["teacher"] = {
+                "path": _check(teacher["path"], str, "teacher.path"),
+                "fit_mlm_head": _fit_mlm_head(teacher.get("fit_mlm_head")),
+            }
         else:
             block = _merge(
                 teacher["pretrain"],
-                {"student": None, "budget": None, "batch_size": None, "micro_batch_size": None, "lr": 1e-3},
+                {
+                    "student": None,
+                    "budget": None,
+                    "batch_size": None,
+                    "micro_batch_size": None,
+                    "lr": 1e-3,
+                    "dropout": None,
+                },
                 "teacher.pretrain",
             )
             if block["student"] is None or block["budget"] is None:
@@ -319,6 +388,7 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
             _check(block["batch_size"], int, "teacher.pretrain.batch_size", optional=True)
             _check(block["micro_batch_size"], int, "teacher.pretrain.micro_batch_size", optional=True)
             _check(block["lr"], float, "teacher.pretrain.lr")
+            _check(block["dropout"], float, "teacher.pretrain.dropout", optional=True)
             cfg["teacher"] = {"pretrain": block}
     if tok == "teacher" and cfg["teacher"] is None:
         raise BudgetKDError(
@@ -431,6 +501,10 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     _check(glue["max_train_examples"], int, "glue.max_train_examples", optional=True)
     _check(glue["max_eval_examples"], int, "glue.max_eval_examples", optional=True)
     _check(glue["save_predictions"], bool, "glue.save_predictions")
+    if glue["stack"] != "auto":
+        _check(glue["stack"], bool, "glue.stack")
+    _check(glue["group_by_length"], bool, "glue.group_by_length")
+    _check(glue["threads"], int, "glue.threads", optional=True)
     from budgetkd.glue.search import parse_grid
     from budgetkd.glue.tasks import parse_tasks
 

@@ -126,6 +126,17 @@ def broadcast_floats(values: list[float], device: torch.device) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def gather_tensors(tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on all ranks), on CPU, in rank order; a
+    one-element list without torchrun. Collective: every rank must call it."""
+    if not is_distributed():
+        return [tensor.cpu()]
+    work = tensor.to(device)
+    out = [torch.empty_like(work) for _ in range(world_size())]
+    dist.all_gather(out, work)
+    return [t.cpu() for t in out]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

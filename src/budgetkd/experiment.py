@@ -3,7 +3,9 @@
 Stages, in order (each records completion in ``DIR/state.json``)::
 
     data               corpus → DIR/data (budgetkd prepare)
-    teacher            the given checkpoint (checked), or DIR/teacher pretrained by budgetkd
+    teacher            the given checkpoint (checked), or DIR/teacher pretrained by budgetkd; an
+                       encoder-only checkpoint gets an MLM head fitted → DIR/teacher (its cost is
+                       the teacher's preparation, DIR/teacher/summary.json, charged to no student)
     calibrate          No-KD for the calibration epochs → DIR/runs/<label>; its charged time
                        (or FLOPs) becomes the budget of every other strategy
     pretrain:<label>   every other strategy at that budget → DIR/runs/<label>
@@ -23,6 +25,7 @@ same optimizer and schedule shape; ``DIR/fairness.json`` records the checks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +37,8 @@ from budgetkd.errors import BudgetKDError
 from budgetkd.io import DirectoryLock, atomic_write_json, read_json, sha256_json
 
 STATE_VERSION = 1
+# glue config keys added later, with their defaults (see the GLUE stage's fingerprint)
+_GLUE_LATER_KEYS = {"stack": "auto", "group_by_length": False, "threads": None}
 
 
 class StageBook:
@@ -72,17 +77,65 @@ class StageBook:
             atomic_write_json(self.path, self.state)
 
 
+DATA_FAILED_MARKER = ".data-stage-failed.json"
+
+
+def launch_id() -> str:
+    """What tells this torchrun launch from an earlier one (same on every rank of a launch)."""
+    import os
+
+    return ":".join(
+        os.environ.get(key, "")
+        for key in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    )
+
+
+def wait_for_stage(
+    out: Path, stage: str, fingerprint: str, failed: Path, *, newer_than: float = 0.0, poll_s: float = 2.0
+) -> None:
+    """Block until ``stage`` is recorded finished with ``fingerprint`` in ``out/state.json``
+    (written atomically by rank 0), or raise rank 0's error from the ``failed`` marker of this
+    launch. No collective, hence no timeout: preparing 5 B tokens may take hours. ``newer_than``
+    (a time): ignore an older record (a forced stage that rank 0 has yet to forget)."""
+    state = out / "state.json"
+    me = launch_id()
+    while True:
+        if state.exists():
+            try:
+                entry = read_json(state, "experiment state").get("stages", {}).get(stage)
+            except BudgetKDError:
+                entry = None  # being replaced right now: read it again
+            if (
+                entry is not None
+                and entry.get("fingerprint") == fingerprint
+                and entry.get("finished_at", 0.0) >= newer_than
+            ):
+                return
+        if failed.exists():
+            try:
+                record = read_json(failed, "failure marker")
+            except BudgetKDError:
+                record = {}
+            if record.get("launch") == me:
+                raise BudgetKDError(f"rank 0 failed in stage {stage}: {record.get('error')}")
+        time.sleep(poll_s)
+
+
 class Experiment:
     def __init__(self, cfg: dict, out: Path, force: list[str] | None = None, progress: bool = True):
         self.cfg = cfg
         self.out = out
         self.progress = progress
         self.is_main = dist_utils.rank() == 0
+        self.started = time.time()
         self.forced = set(force or [])
         self.labels = [s["label"] for s in cfg["strategies"]]
         self.student_ids = list(self.labels)
         self.student_runs: dict[str, Path] = {}
         sweep_ids = self._sweep_ids()
+        # a dataset prepared once (data.prepared) is used in place; otherwise DIR/data
+        prepared = cfg["data"].get("prepared")
+        self.data_dir = Path(prepared) if prepared else out / "data"
         valid = (
             {"data", "teacher", "calibrate", "report"}
             | {f"pretrain:{x}" for x in self.labels + sweep_ids}
@@ -146,7 +199,7 @@ class Experiment:
         kd = REGISTRY[strategy["name"]].needs_teacher
         lr = strategy["lr"] if strategy["lr"] is not None else (opt["lr_kd"] if kd else opt["lr_no_kd"])
         return TrainConfig(
-            data=str(self.out / "data"),
+            data=str(self.data_dir),
             out=str(out),
             student=self.cfg["student"],
             strategy=strategy["name"],
@@ -346,6 +399,46 @@ class Experiment:
             return [self.out / "glue" / label]
         return []
 
+    def _prepare_data(self, data_cfg: dict, tokenizer, train_vocab, fp_data: str, book: StageBook) -> None:
+        """Rank 0 prepares the corpus (with every core); under torchrun the other ranks poll for
+        the finished stage instead of waiting in a collective, whose timeout (30 min) a corpus
+        of billions of tokens outlasts. A failure on rank 0 is written to a marker file that the
+        others turn into the same one-line error."""
+        from budgetkd.data import prepare_dataset
+
+        self._say("stage data: preparing the corpus")
+        marker = self.out / DATA_FAILED_MARKER
+        if self.is_main:
+            marker.unlink(missing_ok=True)
+            if "data" in self.forced and (self.out / "data").exists():
+                shutil.rmtree(self.out / "data")
+            try:
+                meta = prepare_dataset(
+                    data_cfg["inputs"],
+                    self.out / "data",
+                    tokenizer=tokenizer,
+                    train_tokenizer=train_vocab,
+                    seq_len=data_cfg["seq_len"],
+                    validation_fraction=data_cfg["validation_fraction"],
+                    seed=self.cfg["seed"],
+                    progress=self.progress,
+                )
+            except BaseException as exc:
+                if dist_utils.world_size() > 1 or dist_utils.launched_by_torchrun():
+                    atomic_write_json(
+                        marker, {"launch": launch_id(), "error": str(exc) or type(exc).__name__}
+                    )
+                raise
+            book.finish(
+                "data",
+                fp_data,
+                {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
+            )
+        else:
+            # a forced stage's old record may still be there: only one finished by this launch counts
+            newer = self.started - 60.0 if "data" in self.forced else 0.0
+            wait_for_stage(self.out, "data", fp_data, marker, newer_than=newer)
+
     # -- stages ---------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -373,43 +466,44 @@ class Experiment:
             train_vocab, tokenizer = tokenizer["train"], None
         elif tokenizer == "teacher":
             tokenizer = teacher_cfg["path"]
-        fp_data = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": cfg["seed"]})
-        if book.done("data", fp_data, self.forced) is None:
-            from budgetkd.data import prepare_dataset
+        if data_cfg.get("prepared"):
+            # prepared once, shared: its tokenizer and seq_len were checked by the preflight; its
+            # content fingerprint stands for the data (a moved directory is the same data)
+            from budgetkd.io import read_json as _read
 
-            self._say("stage data: preparing the corpus")
-            if self.is_main:
-                if "data" in self.forced and (self.out / "data").exists():
-                    shutil.rmtree(self.out / "data")
-                meta = prepare_dataset(
-                    data_cfg["inputs"],
-                    self.out / "data",
-                    tokenizer=tokenizer,
-                    train_tokenizer=train_vocab,
-                    seq_len=data_cfg["seq_len"],
-                    validation_fraction=data_cfg["validation_fraction"],
-                    seed=cfg["seed"],
-                    progress=self.progress,
-                )
+            meta = _read(self.data_dir / "meta.json", "dataset metadata (meta.json)")
+            fp_data = sha256_json({"prepared": meta["fingerprint"], "seed": cfg["seed"]})
+            if book.done("data", fp_data, self.forced) is None and self.is_main:
+                self._say(f"stage data: using the prepared dataset {self.data_dir}")
                 book.finish(
                     "data",
                     fp_data,
                     {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
                 )
-            dist_utils.barrier()
-            book = StageBook(self.out)
+        else:
+            fp_data = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": cfg["seed"]})
+            if book.done("data", fp_data, self.forced) is None:
+                self._prepare_data(data_cfg, tokenizer, train_vocab, fp_data, book)
+        book = StageBook(self.out)
 
         # teacher -------------------------------------------------------------------------------
         teacher_path = None
         if teacher_cfg is not None:
-            fp_teacher = sha256_json({"teacher": teacher_cfg, "data": fp_data})
+            fit = self._head_fit_block(teacher_cfg)
+            # Without a head to fit the fingerprint is the one of a plain path (older experiments
+            # resume); a fitted head's settings, and the decision to fit one, are part of it.
+            fp_teacher = sha256_json(
+                {"teacher": {k: v for k, v in teacher_cfg.items() if k != "fit_mlm_head"}, "data": fp_data}
+                if fit is None
+                else {"teacher": teacher_cfg, "fit_mlm_head": fit, "data": fp_data}
+            )
             result = book.done("teacher", fp_teacher, self.forced)
             if result is None:
-                if "path" in teacher_cfg:
-                    from budgetkd.models import load_teacher
-
+                if "path" in teacher_cfg and fit is not None:
+                    result = self._fit_teacher_head(teacher_cfg["path"], fit)
+                elif "path" in teacher_cfg:
                     self._say(f"stage teacher: checking {teacher_cfg['path']}")
-                    load_teacher(teacher_cfg["path"])
+                    self._check_teacher_logits(teacher_cfg)
                     result = {"path": teacher_cfg["path"]}
                 else:
                     from budgetkd.train import TrainConfig
@@ -420,7 +514,7 @@ class Experiment:
                     )
                     opt = cfg["optimizer"]
                     config = TrainConfig(
-                        data=str(self.out / "data"),
+                        data=str(self.data_dir),
                         out=str(self.out / "teacher"),
                         student=block["student"],
                         strategy="none",
@@ -428,6 +522,7 @@ class Experiment:
                         batch_size=block["batch_size"] or opt["batch_size"],
                         micro_batch_size=block["micro_batch_size"],
                         lr=block["lr"],
+                        dropout=block["dropout"],
                         seed=cfg["seed"] + 1000,
                         num_evals=cfg["training"]["num_evals"],
                         eval_sequences=cfg["training"]["eval_sequences"],
@@ -450,7 +545,8 @@ class Experiment:
 
         # calibration ---------------------------------------------------------------------------
         budget_cfg = cfg["budget"]
-        max_epochs_kd = 1.0 if cfg["data_setting"] == "unlimited" else None
+        # "unlimited data" binds every strategy alike, No-KD included (SPEC §1)
+        max_epochs = 1.0 if cfg["data_setting"] == "unlimited" else None
         by_label = {s["label"]: s for s in cfg["strategies"]}
         summaries: dict[str, dict] = {}
         calibration_label = None
@@ -470,7 +566,7 @@ class Experiment:
                 budget=f"{cal['epochs']}epochs",
                 out=self.out / "runs" / label,
                 teacher=None,
-                max_epochs=None,
+                max_epochs=max_epochs,
             )
             fp_cal = sha256_json({"train": config.identity(), "data": fp_data, "calibrate": cal})
             result = book.done("calibrate", fp_cal, self.forced)
@@ -509,7 +605,7 @@ class Experiment:
                 budget=entry["budget"],
                 out=entry["run"],
                 teacher=teacher_path,
-                max_epochs=max_epochs_kd if kd else None,
+                max_epochs=max_epochs,
                 **entry["schedule"],
                 charge_teacher=not kd or charge["charge_forward"],
             )
@@ -531,45 +627,69 @@ class Experiment:
         self.student_ids = [e["id"] for e in students] if cfg["budget"].get("sweep") else self.labels
 
         fairness = self._check_fairness(summaries)
-        if not self.is_main:
-            return {}
-        # Only rank 0 goes on: GLUE and the report are single-process.
-        dist_utils.destroy()
 
         # GLUE ----------------------------------------------------------------------------------
+        # Every rank takes jobs (student × task × configuration group × seed) through the files
+        # of the ledger (budgetkd.glue.ledger); no collective is held open during the hours of
+        # GLUE: after one barrier (rank 0 has deleted forced outputs) the process group is closed,
+        # and rank 0 waits for the last job by polling the run files.
+        dist_utils.barrier()
+        dist_utils.destroy()
+        book = StageBook(self.out)  # rank 0's view, re-read after the barrier
         glue_cfg = cfg["glue"]
+        # keys added after the first release count only when set, so finished stages stay finished
+        glue_identity = {
+            k: v for k, v in glue_cfg.items() if k not in _GLUE_LATER_KEYS or v != _GLUE_LATER_KEYS[k]
+        }
+        pending = []
         for label in self.student_ids:
             stage = f"glue:{label}"
-            run_dir = self.student_runs.get(label, self.out / "runs" / label)
             summary = summaries[label]
             fp = sha256_json(
-                {"glue": glue_cfg, "model": summary["init_fingerprint"], "run": summary["consumed"]}
+                {"glue": glue_identity, "model": summary["init_fingerprint"], "run": summary["consumed"]}
             )
-            result = book.done(stage, fp, self.forced)
-            if result is None:
-                from budgetkd.glue import run_glue
+            if book.done(stage, fp, self.forced if self.is_main else set()) is None:
+                pending.append((label, stage, fp))
+        if pending:
+            from budgetkd.glue.pipeline import finish_glue, plan_glue, run_plans
+            from budgetkd.io import locked
 
-                glue_dir = self.out / "glue" / label
-                if stage in self.forced and glue_dir.exists():
-                    shutil.rmtree(glue_dir)
+            plans = []
+            for label, stage, _ in pending:
+                run_dir = self.student_runs.get(label, self.out / "runs" / label)
                 self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
-                glue = run_glue(
-                    run_dir / "model",
-                    glue_dir,
-                    glue_dir=glue_cfg["dir"],
-                    hub=glue_cfg["dir"] is None,
-                    tasks=glue_cfg["tasks"],
-                    grid=glue_cfg["grid"],
-                    epochs=glue_cfg["epochs"],
-                    seeds=glue_cfg["seeds"],
-                    max_train_examples=glue_cfg["max_train_examples"],
-                    max_eval_examples=glue_cfg["max_eval_examples"],
-                    save_predictions=glue_cfg["save_predictions"],
-                    device=glue_cfg["device"],
-                    progress=self.progress,
+                plans.append(
+                    plan_glue(
+                        run_dir / "model",
+                        self.out / "glue" / label,
+                        glue_dir=glue_cfg["dir"],
+                        hub=glue_cfg["dir"] is None,
+                        tasks=glue_cfg["tasks"],
+                        grid=glue_cfg["grid"],
+                        epochs=glue_cfg["epochs"],
+                        seeds=glue_cfg["seeds"],
+                        max_train_examples=glue_cfg["max_train_examples"],
+                        max_eval_examples=glue_cfg["max_eval_examples"],
+                        save_predictions=glue_cfg["save_predictions"],
+                        device=glue_cfg["device"],
+                        threads=glue_cfg["threads"],
+                        stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
+                        group_by_length=glue_cfg["group_by_length"],
+                        label=label,
+                    )
                 )
-                result = {"glue": str(glue_dir / "glue.json"), "average": glue.get("average")}
-                book.finish(stage, fp, result)
+            with contextlib.ExitStack() as stack:
+                if self.is_main:
+                    for plan in plans:
+                        stack.enter_context(locked(plan.out))
+                run_plans(plans, progress=self.progress)
+                if self.is_main:
+                    for plan, (_, stage, fp) in zip(plans, pending):
+                        glue = finish_glue(plan)
+                        result = {"glue": str(plan.out / "glue.json"), "average": glue.get("average")}
+                        book.finish(stage, fp, result)
+        if not self.is_main:
+            return {}
 
         # report --------------------------------------------------------------------------------
         from budgetkd.report import write_report
@@ -586,6 +706,85 @@ class Experiment:
         atomic_write_json(self.out / "fairness.json", fairness)
         self._say(f"done: {self.out / ('sweep.md' if cfg['budget'].get('sweep') else 'table.md')}")
         return {"fairness": fairness, "report": [str(p) for p in paths]}
+
+    # -- the teacher's MLM head ------------------------------------------------------------------
+    def _needs_logits(self) -> list[str]:
+        from budgetkd.strategies import REGISTRY
+
+        return [s["label"] for s in self.cfg["strategies"] if REGISTRY[s["name"]].needs_teacher_logits]
+
+    def _head_fit_block(self, teacher_cfg: dict) -> dict | None:
+        """The ``fit_mlm_head`` settings to apply, or None when no head is fitted: null fits one
+        when a strategy needs logits and the teacher is encoder-only (read from its checkpoint)."""
+        from budgetkd.teacher_head import HEAD_DEFAULTS
+
+        block = teacher_cfg.get("fit_mlm_head")
+        if "path" not in teacher_cfg or block is False:
+            return None
+        if isinstance(block, dict):
+            return block
+        if not self._needs_logits():
+            return None
+        from budgetkd.models import load_teacher
+
+        if load_teacher(teacher_cfg["path"]).has_mlm_head:
+            return None
+        return dict(HEAD_DEFAULTS)
+
+    def _check_teacher_logits(self, teacher_cfg: dict) -> None:
+        """An encoder-only teacher with ``fit_mlm_head: false`` is refused here, before any
+        student trains, when a strategy needs its logits."""
+        from budgetkd.models import load_teacher
+
+        teacher = load_teacher(teacher_cfg["path"])
+        needing = self._needs_logits()
+        if needing and not teacher.has_mlm_head:
+            raise BudgetKDError(
+                f"strategy {needing[0]!r} needs teacher logits, but {teacher_cfg['path']} is an encoder-only "
+                "checkpoint and teacher.fit_mlm_head is false; remove it (a head is then fitted) or drop "
+                f"{needing[0]!r}"
+            )
+
+    def _fit_teacher_head(self, path: str, block: dict) -> dict:
+        """Fit an MLM head on the frozen encoder → DIR/teacher/model, DIR/teacher/summary.json.
+
+        Its cost is the teacher's preparation: recorded here and in the summary, charged to no
+        student. Rank 0 fits it (a few minutes; the encoder is frozen, so there is nothing to
+        data-parallelise worth a collective) while the other ranks wait at the barrier.
+        """
+        from budgetkd.teacher_head import HeadFitConfig, fit_mlm_head
+
+        out = self.out / "teacher"
+        self._say(
+            f"stage teacher: fitting an MLM head on {path} for {block['budget']} (not charged to students)"
+        )
+        if self.is_main:
+            if out.exists():
+                shutil.rmtree(out)  # a killed fit restarts: it is short and has no checkpoint
+            config = HeadFitConfig.from_block(
+                block,
+                seed=self.cfg["seed"] + 2000,
+                device=self.cfg["training"]["device"],
+                progress=self.progress,
+            )
+            summary = fit_mlm_head(path, self.data_dir, out, config)
+            self._say(
+                f"teacher head: validation MLM loss {summary['initial_val_mlm_loss']:.3f} → "
+                f"{summary['val_mlm_loss']:.3f} (unigram {summary['unigram_val_mlm_loss']:.3f}) in "
+                f"{summary['consumed']['steps']} steps, {summary['consumed']['time_s']:.0f}s"
+            )
+        dist_utils.barrier()
+        summary = read_json(out / "summary.json", "teacher head summary")
+        return {
+            "path": str(out / "model"),
+            "source": path,
+            "fitted_mlm_head": True,
+            "summary": str(out / "summary.json"),
+            "val_mlm_loss": summary["val_mlm_loss"],
+            "unigram_val_mlm_loss": summary["unigram_val_mlm_loss"],
+            "preparation": summary["consumed"],
+            "charged_to_students": False,
+        }
 
     def _check_fairness(self, summaries: dict[str, dict]) -> dict:
         """SPEC §4: identical initial weights, data, data order and schedule shape, or refuse."""
@@ -627,13 +826,15 @@ def compare(
 ) -> dict:
     cfg = load_experiment(config_path, overrides)
     out = Path(out)
-    if out.is_dir() and not any((out / name).exists() for name in ("state.json", "experiment.json")):
-        foreign = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-        if foreign:
-            raise BudgetKDError(
-                f"--out {out} is not empty and holds no budgetkd experiment (found {foreign[0]!r}); "
-                "choose a new --out"
-            )
+    _refuse_foreign(out)
+    # Fail before compute: every check that configs, tokenizers and file listings allow, on
+    # every rank (each refuses the same way), before any stage writes anything.
+    from budgetkd.plan import preflight
+
+    resolved = preflight(cfg, out, dist_utils.world_size())
+    if dist_utils.rank() == 0:
+        for note in resolved.notes:
+            print(f"[compare] note: {note}", flush=True)
     lock = DirectoryLock(out) if dist_utils.rank() == 0 else None
     if lock is not None:
         lock.acquire()
@@ -642,6 +843,51 @@ def compare(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _refuse_foreign(out: Path) -> None:
+    """An existing --out must be empty, a budgetkd experiment, or hold only a dry-run's plan."""
+    if out.is_dir() and not any((out / name).exists() for name in ("state.json", "experiment.json")):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (".lock", "plan.json"))
+        if foreign:
+            raise BudgetKDError(
+                f"--out {out} is not empty and holds no budgetkd experiment (found {foreign[0]!r}); "
+                "choose a new --out"
+            )
+
+
+def dry_run(
+    config_path: str | Path,
+    out: str | Path,
+    *,
+    world_size: int | None = None,
+    probe: bool = False,
+    assume_tokens_per_s: float | None = None,
+    as_json: bool = False,
+    overrides=None,
+) -> dict:
+    """``compare --dry-run``: the checks, then the plan printed and written to ``DIR/plan.json``
+    (nothing else is written; no stage runs). ``world_size``: of the launch planned for
+    (default: this launch's)."""
+    import json
+    import os
+
+    from budgetkd.plan import build_plan, preflight, probe_throughput, render_plan, write_plan
+
+    cfg = load_experiment(config_path, overrides)
+    out = Path(out)
+    _refuse_foreign(out)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if dist_utils.launched_by_torchrun() else 1
+    if assume_tokens_per_s is not None and not assume_tokens_per_s > 0:
+        raise BudgetKDError(f"--assume-tokens-per-s must be positive, got {assume_tokens_per_s}")
+    resolved = preflight(cfg, out, world_size)
+    measured = probe_throughput(cfg, out, resolved) if probe else None
+    plan = build_plan(cfg, out, resolved, tokens_per_s=measured, assumed_tokens_per_s=assume_tokens_per_s)
+    if dist_utils.rank() == 0:
+        print(json.dumps(plan, indent=1, default=str) if as_json else render_plan(plan), flush=True)
+        write_plan(plan, out / "plan.json")
+    return plan
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -655,10 +901,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help="redo a finished stage (data, teacher, calibrate, pretrain[:LABEL], glue[:LABEL], report, all)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the plan with its cost (and write DIR/plan.json); run nothing",
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="with --dry-run: measure tokens/s with a few uncharged steps each",
+    )
+    parser.add_argument(
+        "--assume-tokens-per-s",
+        type=float,
+        metavar="N",
+        help="with --dry-run: No-KD tokens/s of the whole launch, for the hours of the plan",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: plan for N processes (default: this launch)",
+    )
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        if args.world_size is not None and args.world_size <= 0:
+            raise BudgetKDError(f"--world-size must be positive, got {args.world_size}")
+        dry_run(
+            args.config,
+            args.out,
+            world_size=args.world_size,
+            probe=args.probe,
+            assume_tokens_per_s=args.assume_tokens_per_s,
+            as_json=args.json,
+        )
+        return 0
+    for flag in ("probe", "assume_tokens_per_s", "world_size", "json"):
+        if getattr(args, flag) not in (None, False):
+            raise BudgetKDError(f"--{flag.replace('_', '-')} goes with --dry-run")
     dist_utils.init_if_launched()
     try:
         compare(args.config, args.out, force=args.force, progress=not args.no_progress)

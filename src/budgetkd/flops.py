@@ -27,6 +27,10 @@ student's step there (Bernoulli sampling, and attention dropout keeps SDPA off i
 The relation softmaxes and KL terms of MiniLM/MiniLMv2 are not counted either. The currency stays
 analytic and hardware-independent on purpose; the time currency is the one that equalises time.
 
+A forward runs only as deep as its loss needs (``models.required_depth``): MiniLM and MiniLMv2
+with last-layer mapping and no MLM term run the layers below the mapped one, then only its Q/K/V
+projections; layers above the deepest mapped one never run. Only what runs is counted.
+
 The MLM head is applied only at the P predicted positions (sparse prediction, SPEC §2):
 
     transform dense           2·P·D·D
@@ -71,6 +75,17 @@ def encoder_forward(
     """Forward FLOPs of ``layers`` (default: all) encoder layers over ``num_sequences`` sequences."""
     n_layers = shape.layers if layers is None else layers
     return float(num_sequences) * n_layers * layer_forward(shape, seq_len)
+
+
+def partial_forward(
+    shape: EncoderShape, seq_len: int, num_sequences: int, layers: int, projections: int = 0
+) -> float:
+    """Forward FLOPs of a forward stopped early (``models.Depth``): ``layers`` complete layers,
+    then ``projections`` of the next layer's Q/K/V projections, 2·L·D² each per sequence."""
+    d = shape.hidden
+    return encoder_forward(shape, seq_len, num_sequences, layers) + float(num_sequences) * projections * (
+        2.0 * seq_len * d * d
+    )
 
 
 def mlm_head_forward(shape: EncoderShape, num_predicted: int) -> float:

@@ -25,9 +25,14 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "bert-mini": (4, 256, 4, 1024),
     "bert-small": (4, 512, 8, 2048),
     "bert-medium": (8, 512, 8, 2048),
-    "bert-6l-768": (6, 768, 12, 3072),  # the paper's student (BERT₆)
-    "bert-12l-768": (12, 768, 12, 3072),  # BERT-base shape, the paper's 12-layer student
-    "bert-12l-1024": (12, 1024, 16, 4096),
+    "bert-6l-768": (6, 768, 12, 3072),  # the paper's 6-layer student (BERT₆, teacher BERT-base)
+    # The paper's 12-layer student (BERT₁₂, teacher BERT-large) is given only as "12 layers". We use
+    # BERT-large's width and 16 heads (bert-12l-1024, configs/paper-12l.yaml): TinyBERT and MiniLM
+    # compare attention head by head and need H_S = H_T, which a 12-head student of BERT-large
+    # (H_T = 16) cannot meet. bert-12l-768 is BERT-base's shape, a 12-layer student for 12-head
+    # teachers, not the paper's.
+    "bert-12l-768": (12, 768, 12, 3072),
+    "bert-12l-1024": (12, 1024, 16, 4096),  # the paper's 12-layer student (BERT₁₂)
 }
 _ARCH_KEYS = {"layers", "hidden", "heads", "intermediate"}
 
@@ -206,6 +211,23 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def _quiet_loading():
+    """No progress bars and no load report: transformers prints a table of every checkpoint tensor
+    the model does not use (a BERT checkpoint's pooler and NSP head, loaded as an encoder-only or
+    MLM teacher) — expected, and the console keeps to budgetkd's own lines. What matters in that
+    report (weights the model lacks) :func:`load_teacher` says itself."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with _no_progress_bars():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teacher:
     """Load any HF BERT checkpoint as a frozen, eval-mode teacher.
 
@@ -241,16 +263,24 @@ def load_teacher(name_or_path: str, device: torch.device | str = "cpu") -> Teach
     else:
         has_head = bool(architectures & {"BertForMaskedLM", "BertForPreTraining"}) or not architectures
     try:
-        with _no_progress_bars():
+        with _quiet_loading():
             if has_head:
-                model = BertForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+                model, info = BertForMaskedLM.from_pretrained(
+                    str(path), attn_implementation="sdpa", output_loading_info=True
+                )
             else:
-                model = BertModel.from_pretrained(
-                    str(path), attn_implementation="sdpa", add_pooling_layer=False
+                model, info = BertModel.from_pretrained(
+                    str(path), attn_implementation="sdpa", add_pooling_layer=False, output_loading_info=True
                 )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BudgetKDError(f"cannot load teacher {name_or_path}: {first[:200]}") from None
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if missing:
+        print(
+            f"budgetkd: note: teacher {name_or_path} lacks {len(missing)} weight(s) of its model "
+            f"(e.g. {missing[0]!r}); transformers initialised them randomly"
+        )
     model.eval()
     model.requires_grad_(False)
     model.to(device)
@@ -362,9 +392,63 @@ def sparse_mlm_logits(mlm_model: nn.Module, hidden: torch.Tensor, positions: tor
     return mlm_model.cls(flat)
 
 
-def encode(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [B, L, D] of a ``BertModel``."""
-    return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+@dataclass(frozen=True)
+class Depth:
+    """How far a forward pass must go: ``layers`` complete encoder layers, then only the
+    projections ``projections`` (a subset of q, k, v) of the next layer (issue 13 item 5: what the
+    loss never reads is not computed). ``Depth(num_layers)`` is the full encoder."""
+
+    layers: int
+    projections: frozenset[str] = frozenset()
+
+    def is_full(self, num_layers: int) -> bool:
+        return self.layers >= num_layers and not self.projections
+
+
+def required_depth(spec: CaptureSpec, num_layers: int, needs_output: bool) -> Depth:
+    """The shallowest forward that still produces everything ``spec`` captures (and the last hidden
+    state when ``needs_output``, e.g. for the MLM head). A layer whose output (``hidden``) is
+    needed runs whole; when only the deepest layer's Q/K/V are needed, the layers below it run
+    whole and that layer computes just those projections (no attention, output or FFN)."""
+    if needs_output or not spec.layers:
+        return Depth(num_layers if needs_output else 0)
+    deepest = max(spec.layers)
+    kinds = spec.layers[deepest]
+    if "hidden" in kinds:
+        return Depth(deepest + 1)
+    return Depth(deepest, frozenset(kinds) & {"q", "k", "v"})
+
+
+_PROJECTIONS = {"q": "query", "k": "key", "v": "value"}
+
+
+def encode(
+    encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: Depth | None = None
+) -> torch.Tensor:
+    """Last hidden states [B, L, D] of a ``BertModel`` — or, with a partial ``depth``, the hidden
+    states after ``depth.layers`` layers, having run only ``depth.projections`` of the next one
+    (their values reach the caller through a :class:`Capture`'s hooks).
+
+    The partial path calls the library's own modules in the library's order (embeddings, the
+    bidirectional attention mask BertModel builds, then each ``BertLayer``), so every captured
+    tensor equals the full forward's (tested: ``test_partial_forward_captures_what_the_full_one_does``).
+    """
+    layers = encoder.encoder.layer
+    if depth is None or depth.is_full(len(layers)):
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+    from transformers.masking_utils import create_bidirectional_mask
+
+    hidden = encoder.embeddings(input_ids=input_ids)
+    mask = create_bidirectional_mask(
+        config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+    )
+    for layer in layers[: depth.layers]:
+        hidden = layer(hidden, mask)
+    if depth.projections:
+        attention = layers[depth.layers].attention.self
+        for kind in sorted(depth.projections):
+            getattr(attention, _PROJECTIONS[kind])(hidden)  # recorded by the capture hook
+    return hidden
 
 
 @contextmanager

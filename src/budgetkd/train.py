@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,10 +33,12 @@ from budgetkd import distributed as dist_utils
 from budgetkd import flops
 from budgetkd.budget import Budget, Meter, learning_rate
 from budgetkd.data import MaskingConfig, PackedData, StepBatches, validation_batches
+from budgetkd.data.dataset import resolve_micro_batch
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_torch_save, atomic_write_json, locked, read_json, sha256_json
 from budgetkd.models import (
     Capture,
+    Depth,
     check_vocabulary,
     create_student,
     encode,
@@ -135,10 +138,14 @@ class TrainModule(nn.Module):
         self.student = student
         self.strategy = strategy
         self.capture = Capture(student.bert, strategy.student_spec())
+        # the forward stops at the deepest tensor the loss reads (issue 13 item 5); a plain
+        # callable, not a submodule, so state-dict names and DDP's parameters stay the student's
+        self.depth: Depth = strategy.student_depth()
+        self.encode = _encoder(student.bert, self.depth)
 
     def forward(self, input_ids, attention_mask, labels, teacher_out: dict, teacher_logits):
         self.capture.clear()
-        hidden = encode(self.student.bert, input_ids, attention_mask)
+        hidden = self.encode(input_ids, attention_mask)
         positions = predicted_positions(labels)
         student_logits = (
             sparse_mlm_logits(self.student, hidden, positions) if self.strategy.needs_student_logits else None
@@ -154,6 +161,15 @@ class TrainModule(nn.Module):
         loss, parts = self.strategy.loss(inputs)
         self.capture.clear()
         return loss, parts
+
+
+def _encoder(encoder: nn.Module, depth: Depth):
+    """``encode`` bound to one encoder and depth: the unit that ``compile: true`` compiles."""
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return encode(encoder, input_ids, attention_mask, depth)
+
+    return run
 
 
 class TeacherRunner:
@@ -176,6 +192,8 @@ class TeacherRunner:
                 if isinstance(module, nn.Linear) and module.weight is not tied:
                     module.to(torch.bfloat16)
         self.capture = Capture(teacher.encoder, strategy.teacher_spec())
+        self.depth: Depth = strategy.teacher_depth()
+        self.encode = _encoder(teacher.encoder, self.depth)
 
     def __call__(self, input_ids, attention_mask, labels) -> tuple[dict, torch.Tensor | None]:
         autocast = (
@@ -185,7 +203,7 @@ class TeacherRunner:
         )
         self.capture.clear()
         with torch.inference_mode(), autocast:
-            hidden = encode(self.teacher.encoder, input_ids, attention_mask)
+            hidden = self.encode(input_ids, attention_mask)
             logits = None
             if self.strategy.needs_teacher_logits:
                 logits = sparse_mlm_logits(self.teacher.model, hidden, predicted_positions(labels))
@@ -194,6 +212,58 @@ class TeacherRunner:
         values = {key: value.clone() for key, value in self.capture.values.items()}
         self.capture.clear()
         return values, (logits.clone() if logits is not None else None)
+
+
+def step_flops(
+    strategy: Strategy,
+    student_shape: flops.EncoderShape,
+    teacher_shape: flops.EncoderShape | None,
+    seq_len: int,
+    num_sequences: int,
+    num_predicted: int,
+) -> tuple[float, float]:
+    """(student, teacher) FLOPs of one step (SPEC §3), counting only what runs.
+
+    student = 3 · (encoder to its depth + MLM head at P positions if its logits are used + the
+    loss's own products); teacher = encoder to its depth + its MLM head if its logits are used +
+    the loss's teacher-side products. Depths: ``models.required_depth``; FLOPs: ``flops``.
+    """
+    depth = strategy.student_depth()
+    student_fwd = flops.partial_forward(
+        student_shape, seq_len, num_sequences, depth.layers, len(depth.projections)
+    )
+    if strategy.needs_student_logits:
+        student_fwd += flops.mlm_head_forward(student_shape, num_predicted)
+    extra_s, extra_t = strategy.extra_forward_flops(num_sequences, seq_len)
+    student = flops.training_flops(student_fwd + extra_s)
+    teacher = 0.0
+    if teacher_shape is not None:
+        depth_t = strategy.teacher_depth()
+        teacher = (
+            flops.partial_forward(
+                teacher_shape, seq_len, num_sequences, depth_t.layers, len(depth_t.projections)
+            )
+            + extra_t
+        )
+        if strategy.needs_teacher_logits:
+            teacher += flops.mlm_head_forward(teacher_shape, num_predicted)
+    return student, teacher
+
+
+def _format_amount(value: float, currency: str) -> str:
+    return f"{value:.4g} {currency}"
+
+
+def dropout_seed(seed: int, rank: int, step: int | None = None) -> int:
+    """The seed of one process's dropout stream: a 64-bit hash of (seed, rank[, step]) through
+    numpy's ``SeedSequence``, so that every rank draws its own masks (issue 13 item 7) and the
+    stream is a function of the run's seed and the rank alone. ``step`` re-derives a stream on a
+    resumption with another number of processes (see ``Pretrainer.load_checkpoint``)."""
+    import numpy as np
+
+    entropy = [seed, rank] if step is None else [seed, rank, step]
+    words = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    return (int(words[0]) << 32 | int(words[1])) >> 1  # < 2⁶³: accepted by torch.manual_seed
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -368,11 +438,9 @@ class Pretrainer:
             special_ids=tuple(int(i) for i in self.data.special_ids["all"]),
             fixed_count=cfg.fixed_mask_count,
         )
-        per_rank = cfg.batch_size // self.world_size
-        # default micro-batch: the largest divisor of the per-process batch up to 64
-        micro = cfg.micro_batch_size or max(
-            d for d in range(1, min(max(per_rank, 1), 64) + 1) if per_rank % d == 0
-        )
+        # micro_batch_size is the most one device holds; the per-process micro-batch is resolved
+        # from the world size (recorded in run_config.json)
+        micro = resolve_micro_batch(cfg.batch_size, self.world_size, cfg.micro_batch_size)
         self.batches = StepBatches(
             self.data,
             batch_size=cfg.batch_size,
@@ -393,19 +461,23 @@ class Pretrainer:
         self.model = dist_utils.wrap_ddp(
             self.module,
             self.device,
-            # parameters without a gradient (the MLM head when no logits are used, layers above
-            # the deepest mapped one) must be declared, or DDP waits for them forever
+            # parameters without a gradient (the MLM head when no logits are used, what lies
+            # beyond the forward's depth) must be declared, or DDP waits for them forever
             find_unused=not self.strategy.needs_student_logits
-            or any(s != self.student_shape_layers - 1 for s, _ in self.strategy.layer_pairs),
+            or not self.module.depth.is_full(self.student_shape_layers),
+        )
+        self.teacher_runner = (
+            TeacherRunner(self.teacher, self.strategy, self.device) if self.teacher else None
         )
         if cfg.compile:
-            # Compile the encoders in place (state-dict names, hooks and DDP stay as they are).
-            # Their inputs have static shapes [micro-batch, L]; the sparse MLM head and the losses
-            # see a different number of masked positions every micro-batch and stay eager, so no
-            # step pays a recompilation (the uncharged warm-up step compiles what training runs).
-            self.module.student.bert.compile(dynamic=False)
-            if self.teacher is not None:
-                self.teacher.encoder.compile(dynamic=False)
+            # Compile the encoder forwards (to their depth) in place: state-dict names, hooks and
+            # DDP stay as they are. Their inputs have static shapes [micro-batch, L]; the sparse
+            # MLM head and the losses see a different number of masked positions every
+            # micro-batch and stay eager, so no step pays a recompilation (the uncharged warm-up
+            # step, run under the training step's own contexts, compiles what training runs).
+            self.module.encode = torch.compile(self.module.encode, dynamic=False)
+            if self.teacher_runner is not None:
+                self.teacher_runner.encode = torch.compile(self.teacher_runner.encode, dynamic=False)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.module, cfg.weight_decay),
             lr=self.lr,
@@ -414,9 +486,6 @@ class Pretrainer:
             # fused kernels on CUDA; the multi-tensor (foreach) path on CPU, several times faster
             # than the per-parameter loop that is PyTorch's CPU default
             **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
-        )
-        self.teacher_runner = (
-            TeacherRunner(self.teacher, self.strategy, self.device) if self.teacher else None
         )
         self.meter = Meter(num_train_sequences=self.data.num_train, charge_teacher=cfg.charge_teacher)
         self.history: list[dict] = []
@@ -427,6 +496,56 @@ class Pretrainer:
 
         self.student_shape = flops.EncoderShape.from_config(self.student.config)
         self.teacher_shape = flops.EncoderShape.from_config(teacher_config) if teacher_config else None
+        self.check_data_limit()
+
+    def check_data_limit(self) -> None:
+        """Set the data limit and refuse, before any compute, a budget in a currency known in
+        advance (steps, tokens, epochs, FLOPs) that cannot be spent within ``max_epochs`` of data
+        (SPEC §1, "unlimited data": such a run would stop at the data limit with its learning rate
+        never decayed).
+
+        The loop stops before the step that would cross ``max_epochs``: at most
+        S = ⌊max_epochs · N / batch⌋ steps (``self.data_limit_steps``). The one exception is an
+        epochs budget of at most ``max_epochs``: it is itself a data limit, and its last step
+        reaches past the epoch boundary by less than a batch as every epochs budget does (the
+        calibration's "one epoch"). Tokens are bounded by S·batch·L. FLOPs are exact when no MLM
+        head runs; with one, the predicted count of those S steps is bounded by
+        0.15·T + 6·√(0.15·0.85·T), T = S·batch·L (binomial masking, six standard deviations), so a
+        refused budget certainly needs more data, and one just below the bound stops at the data
+        limit at run time and says so (``stopped_by: data limit``).
+        """
+        cfg = self.config
+        self.data_limit_steps: int | None = None
+        if cfg.max_epochs is None:
+            return
+        currency, amount = self.budget.currency, self.budget.amount
+        if currency == "epochs":
+            if amount > cfg.max_epochs * (1 + 1e-12):
+                raise BudgetKDError(
+                    f"budget {self.budget} needs more than {cfg.max_epochs:g} epoch(s) of data; with unlimited data "
+                    "a run never repeats the corpus — lower the budget or use data_setting: limited"
+                )
+            return
+        max_steps = math.floor(cfg.max_epochs * self.data.num_train / cfg.batch_size + 1e-9)
+        self.data_limit_steps = max_steps
+        max_tokens = max_steps * cfg.batch_size * self.seq_len
+        if currency == "steps":
+            capacity = float(max_steps)
+        elif currency == "tokens":
+            capacity = float(max_tokens)
+        elif currency == "flops":
+            predicted = 0.15 * max_tokens + 6.0 * math.sqrt(0.15 * 0.85 * max_tokens)
+            per_step = self.step_flops(cfg.batch_size, predicted / max(1, max_steps))
+            capacity = max_steps * (per_step[0] + per_step[1])
+        else:  # time: not known in advance; the loop stops at the data limit and says so
+            return
+        if amount > capacity * (1 + 1e-9):
+            raise BudgetKDError(
+                f"budget {self.budget} needs more than {cfg.max_epochs:g} epoch(s) of data "
+                f"({self.data.num_train} training sequences in batches of {cfg.batch_size}: at most "
+                f"{max_steps} steps, {_format_amount(capacity, currency)}); with unlimited data a run never "
+                "repeats the corpus — lower the budget or use data_setting: limited"
+            )
 
     # -- the schedule ---------------------------------------------------------------------------
     def _check_schedule(self) -> None:
@@ -466,21 +585,19 @@ class Pretrainer:
         for amount in self.config.snapshots:
             if consumed >= amount and amount not in self.snapshots_taken:
                 self.snapshots_taken.append(amount)
+                started = time.perf_counter()
+                rng = self.rng_state()  # collective: every rank takes the snapshot at the same step
                 if self.is_main:
-                    started = time.perf_counter()
-                    state = self.state()
+                    state = self.state(rng)
                     state["snapshot_of"] = str(self.run_dir)
                     state["prefix"] = self.meter.summary()
                     atomic_torch_save(self.snapshot_path(amount), state)
-                    self.meter.time_excluded_s += time.perf_counter() - started
+                self.meter.time_excluded_s += time.perf_counter() - started
 
     def _branch_from(self, path: str) -> None:
         """Continue a snapshot of another run: same weights, optimizer, meter, RNG and data
         position, so this run's charge is the prefix's plus its own (SPEC §7a)."""
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            raise BudgetKDError(f"cannot read snapshot {path}: {str(exc).splitlines()[0][:160]}") from None
+        state = self._read_state(Path(path), "snapshot")
         if state.get("init_fingerprint") != self.init_fingerprint:
             raise BudgetKDError(f"snapshot {path} was trained from other initial weights than this run")
         self.module.student.load_state_dict(state["student"])
@@ -500,28 +617,34 @@ class Pretrainer:
         ):
             self.next_eval += 1
         self.branch = {"from": str(path), "of": state.get("snapshot_of"), "prefix": state.get("prefix")}
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state.get("rng_cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        self._restore_rng(state)
 
     # -- FLOPs of one step ------------------------------------------------------------------------
     def step_flops(self, num_sequences: int, num_predicted: int) -> tuple[float, float]:
-        """(student, teacher) FLOPs of a step over ``num_sequences`` with ``num_predicted`` masks."""
-        seq_len = self.seq_len
-        student_fwd = flops.encoder_forward(self.student_shape, seq_len, num_sequences)
-        if self.strategy.needs_student_logits:
-            student_fwd += flops.mlm_head_forward(self.student_shape, num_predicted)
-        extra_s, extra_t = self.strategy.extra_forward_flops(num_sequences, seq_len)
-        student = flops.training_flops(student_fwd + extra_s)
-        teacher = 0.0
-        if self.teacher_shape is not None:
-            teacher = flops.encoder_forward(self.teacher_shape, seq_len, num_sequences) + extra_t
-            if self.strategy.needs_teacher_logits:
-                teacher += flops.mlm_head_forward(self.teacher_shape, num_predicted)
-        return student, teacher
+        """(student, teacher) FLOPs of a step over ``num_sequences`` with ``num_predicted`` masks:
+        what runs and nothing else — each encoder to its depth (``Strategy.student_depth`` /
+        ``teacher_depth``), the MLM heads only where their logits are used; the student's part
+        forward + backward (3×), the teacher's forward only."""
+        return step_flops(
+            self.strategy, self.student_shape, self.teacher_shape, self.seq_len, num_sequences, num_predicted
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state(self) -> dict:
+    def rng_state(self) -> dict:
+        """Every rank's dropout RNG (CPU and CUDA generators), gathered in rank order. Collective.
+
+        Only tensors, numbers and lists, so the checkpoint loads with ``weights_only=True``."""
+        cuda = self.device.type == "cuda"
+        return {
+            "world_size": self.world_size,
+            "cpu": dist_utils.gather_tensors(torch.get_rng_state(), self.device),
+            "cuda": dist_utils.gather_tensors(torch.cuda.get_rng_state(self.device), self.device)
+            if cuda
+            else None,
+        }
+
+    def state(self, rng: dict | None = None) -> dict:
+        """The checkpoint: tensors, numbers, strings, lists and dicts only (issue 13 item 10)."""
         return {
             "version": SUMMARY_VERSION,
             "config": self.config_hash,
@@ -533,24 +656,37 @@ class Pretrainer:
             "skipped_steps": self.skipped_steps,
             "next_eval": self.next_eval,
             "snapshots_taken": list(self.snapshots_taken),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "rng": rng if rng is not None else self.rng_state(),
             "init_fingerprint": self.init_fingerprint,
             "branch": self.branch,
         }
 
     def save_checkpoint(self) -> None:
+        """Collective (every rank's RNG is gathered): every rank calls it at the same step."""
+        started = time.perf_counter()
+        rng = self.rng_state()
         if self.is_main:
-            started = time.perf_counter()
-            atomic_torch_save(self.run_dir / "checkpoint.pt", self.state())
-            self.meter.time_excluded_s += time.perf_counter() - started
+            atomic_torch_save(self.run_dir / "checkpoint.pt", self.state(rng))
+        self.meter.time_excluded_s += time.perf_counter() - started
+
+    def _read_state(self, path: Path, what: str) -> dict:
+        """A checkpoint or snapshot, loaded with ``weights_only``: only tensors and plain containers
+        are rebuilt, so a planted pickle cannot run code as the user who resumes (issue 13 item 10)."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:
+            raise BudgetKDError(
+                f"{what} {path} holds objects other than tensors, numbers, strings, lists and dicts; "
+                "refusing to unpickle it (that could run code) — delete it to restart the run"
+            ) from None
+        except Exception as exc:
+            raise BudgetKDError(f"cannot read {what} {path}: {str(exc).splitlines()[0][:160]}") from None
+        if not isinstance(state, dict):
+            raise BudgetKDError(f"{what} {path} is not a budgetkd checkpoint")
+        return state
 
     def load_checkpoint(self) -> None:
-        path = self.run_dir / "checkpoint.pt"
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:
-            raise BudgetKDError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
+        state = self._read_state(self.run_dir / "checkpoint.pt", "checkpoint")
         if state.get("config") != self.config_hash:
             raise BudgetKDError(
                 f"{self.run_dir} was started with a different configuration; resume with the same options or use a new --out"
@@ -564,14 +700,52 @@ class Pretrainer:
         self.next_eval = state["next_eval"]
         self.snapshots_taken = list(state.get("snapshots_taken", []))
         self.branch = state.get("branch")
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state.get("rng_cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        self._restore_rng(state)
+
+    def _restore_rng(self, state: dict) -> None:
+        """This rank's dropout RNG from the checkpoint. With the same number of processes every
+        rank continues its own stream exactly. With another number there is no such stream to
+        continue (rank r of W' is no rank of W); rather than refuse a resumption that is otherwise
+        exact (data order, masks and gradients do not depend on the process count), each rank's
+        stream is re-derived from (seed, rank, step) and a note says so."""
+        rng = state.get("rng")
+        if rng is None:  # a checkpoint of an earlier version: rank 0's generator only
+            rng = {
+                "world_size": 1,
+                "cpu": [state["rng_cpu"]],
+                "cuda": [state["rng_cuda"]] if state.get("rng_cuda") is not None else None,
+            }
+        if rng["world_size"] == self.world_size:
+            torch.set_rng_state(rng["cpu"][self.rank].cpu())
+            if rng.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"][self.rank].cpu(), self.device)
+            return
+        torch.manual_seed(dropout_seed(self.config.seed, self.rank, self.meter.steps))
+        if self.is_main:
+            print(
+                f"budgetkd: note: {self.run_dir} was checkpointed with {rng['world_size']} process(es) and resumes "
+                f"with {self.world_size}; dropout streams are re-derived from (seed, rank, step {self.meter.steps})"
+            )
 
     # -- evaluation -----------------------------------------------------------------------------
+    @property
+    def mlm_head_trained(self) -> bool:
+        """Whether the student's MLM head receives gradients: only when its logits enter the loss
+        (No-KD, Vanilla-KD, or an MLM weight > 0). Otherwise its validation MLM loss measures an
+        untrained head and means nothing (issue 13 item 8)."""
+        return bool(self.strategy.needs_student_logits)
+
+    def autocast(self):
+        """The training precision: bf16 autocast on CUDA, fp32 elsewhere (SPEC §5). Training and
+        validation both run under it, so validation measures the model that trains."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation MLM loss (and the strategy's loss when there is a teacher), fixed masks."""
+        """Validation MLM loss (and the strategy's loss when there is a teacher), fixed masks,
+        under the training precision (:meth:`autocast`); the losses themselves are fp32."""
         from budgetkd.losses import mlm_loss
 
         started = time.perf_counter()
@@ -586,14 +760,16 @@ class Pretrainer:
             positions = predicted_positions(labels)
             if len(positions) == 0:
                 continue
-            hidden = encode(module.student.bert, input_ids, attention_mask)
-            logits = sparse_mlm_logits(module.student, hidden, positions)
+            with self.autocast():
+                hidden = encode(module.student.bert, input_ids, attention_mask)
+                logits = sparse_mlm_logits(module.student, hidden, positions)
             targets = labels.reshape(-1).index_select(0, positions)
             total_mlm += float(mlm_loss(logits, targets)) * len(positions)
             weight_mlm += len(positions)
             if self.teacher_runner is not None:
                 teacher_out, teacher_logits = self.teacher_runner(input_ids, attention_mask, labels)
-                loss, _ = module(input_ids, attention_mask, labels, teacher_out, teacher_logits)
+                with self.autocast():
+                    loss, _ = module(input_ids, attention_mask, labels, teacher_out, teacher_logits)
                 n = len(positions) if self.strategy.normalizer == "predicted" else int(attention_mask.sum())
                 total_kd += float(loss) * n
                 weight_kd += n
@@ -605,6 +781,7 @@ class Pretrainer:
             "time_s": self.meter.time_s,
             "flops": self.meter.flops,
             "val_mlm_loss": total_mlm / max(1, weight_mlm),
+            "mlm_head_trained": self.mlm_head_trained,
         }
         if weight_kd:
             result["val_loss"] = total_kd / weight_kd
@@ -613,26 +790,68 @@ class Pretrainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """One uncharged forward and backward of the first micro-batch (teacher included), so that
-        one-time start-up costs (kernel selection, allocator growth, lazy initialisation) are not
-        billed to the first step (SPEC §3: start-up is excluded). RNG state and gradients are
-        restored, so the run's result is unchanged."""
+        """One uncharged optimizer step, run exactly as training runs it and then undone, so that
+        no charged step pays a one-time cost (SPEC §3: start-up is excluded; issue 13 item 4).
+
+        It *is* a training step — :meth:`train_step` and :meth:`apply_update`, the very code the
+        loop runs: every micro-batch under the same contexts (bf16 autocast on CUDA, the compiled
+        encoders, DDP's no_sync and final all-reduce), so kernel selection, compilation (autocast
+        state is part of a compiled graph's guards), allocator growth and the optimizer's lazily
+        created state all happen here. Then it is undone: weights and buffers are copied back,
+        optimizer state created by it is zeroed (AdamW's fresh state is step 0 with zero moments,
+        so that is the state a first step would have created) and state that existed is copied
+        back, gradients are dropped and the RNG streams are restored — the run's result is
+        bit for bit that of a run without warm-up (tested)."""
         started = time.perf_counter()
-        micro = self.batches.micro_batches(self.meter.steps)[0]
-        input_ids, attention_mask, labels = (
-            t.to(self.device) for t in (micro.input_ids, micro.attention_mask, micro.labels)
-        )
+        weights = {key: value.detach().clone() for key, value in self.module.state_dict().items()}
+        saved_state = {
+            param: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in entries.items()}
+            for param, entries in self.optimizer.state.items()
+        }
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            teacher_out, teacher_logits = {}, None
-            if self.teacher_runner is not None:
-                teacher_out, teacher_logits = self.teacher_runner(input_ids, attention_mask, labels)
-            with dist_utils.no_sync(self.model):
-                loss, _ = self.model(input_ids, attention_mask, labels, teacher_out, teacher_logits)
-                loss.backward()
+            step = self.meter.steps
+            loss, _, _, _ = self.train_step(
+                step, learning_rate(self.lr, self.meter.fraction(self.budget), self.config.warmup)
+            )
+            self.apply_update(loss)
+        with torch.no_grad():
+            self.module.load_state_dict(weights)
+            for param, entries in self.optimizer.state.items():
+                before = saved_state.get(param)
+                for key, value in list(entries.items()):
+                    if torch.is_tensor(value) and before is not None:
+                        value.copy_(before[key])
+                    elif torch.is_tensor(value):
+                        value.zero_()
+                    elif before is not None:
+                        entries[key] = before[key]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.meter.time_excluded_s += time.perf_counter() - started
+
+    def apply_update(self, loss: float) -> bool:
+        """Clip (if configured), check the gradients, step the optimizer and clear the gradients.
+        Returns whether the update was applied (a non-finite loss or gradient is never applied)."""
+        cfg = self.config
+        finite = math.isfinite(loss)
+        if finite:
+            if cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+            else:
+                norm = _grad_norm(self.module)
+            # a finite loss can still back-propagate to non-finite gradients (an overflow):
+            # applying them would put NaN weights into the next checkpoint
+            finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return finite
 
     def train_step(self, step: int, lr: float) -> tuple[float, dict, float, float]:
         """One optimizer step. Returns (loss, components, teacher seconds, predicted count)."""
@@ -674,21 +893,21 @@ class Pretrainer:
             )
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else dist_utils.no_sync(self.model)
-            autocast = (
-                torch.autocast("cuda", dtype=torch.bfloat16)
-                if self.device.type == "cuda"
-                else contextlib.nullcontext()
-            )
             with sync:
-                with autocast:
+                with self.autocast():
                     loss, parts = self.model(input_ids, attention_mask, labels, teacher_out, teacher_logits)
                 # DDP averages gradients over ranks; × world size turns that into the global sum.
                 (loss * share * self.world_size).backward()
             total_loss += float(loss.detach()) * share
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) * share
-        totals = torch.tensor([total_loss], dtype=torch.float64)
-        total_loss = float(dist_utils.all_reduce_sum(totals, self.device)[0])
+        # each rank holds its share of the global mean; the sum over ranks is the global value,
+        # for the total and for every component alike (issue 13 item 7)
+        names = sorted(parts_sum)
+        totals = torch.tensor([total_loss, *(parts_sum[k] for k in names)], dtype=torch.float64)
+        totals = dist_utils.all_reduce_sum(totals, self.device)
+        total_loss = float(totals[0])
+        parts_sum = {name: float(value) for name, value in zip(names, totals[1:])}
         return total_loss, parts_sum, teacher_seconds, global_predicted
 
     def pretrain(self) -> dict:
@@ -708,7 +927,7 @@ class Pretrainer:
         elif cfg.init_from:
             self._branch_from(cfg.init_from)
         else:
-            torch.manual_seed(cfg.seed)  # dropout stream
+            torch.manual_seed(dropout_seed(cfg.seed, self.rank))  # this rank's own dropout stream
         if self.is_main:
             atomic_write_json(
                 self.run_dir / "run_config.json",
@@ -743,32 +962,21 @@ class Pretrainer:
             self.prefetcher = dist_utils.Prefetcher(self.batches, start_step=self.meter.steps, pin=True)
         try:
             while not self.meter.exhausted(self.budget):
-                if cfg.max_epochs is not None:
-                    next_sequences = self.meter.sequences + cfg.batch_size
-                    if next_sequences / self.data.num_train > cfg.max_epochs + 1e-12:
-                        break
+                if self.data_limit_steps is not None and self.meter.steps >= self.data_limit_steps:
+                    break  # the next step would cross max_epochs (the data limit, SPEC §1)
                 step = self.meter.steps
                 lr = self.learning_rate()
                 started = time.perf_counter()
                 loss, parts, teacher_s, n_pred = self.train_step(step, lr)
-                finite = math.isfinite(loss)
-                if finite:
-                    if cfg.max_grad_norm > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
-                    else:
-                        norm = _grad_norm(self.module)
-                    # a finite loss can still back-propagate to non-finite gradients (an overflow):
-                    # applying them would put NaN weights into the next checkpoint
-                    finite = bool(torch.isfinite(norm))
-                if finite:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                finite = self.apply_update(loss)
                 elapsed = time.perf_counter() - started
                 # Rank 0's clock is the run's clock: every rank charges the same time and thus
-                # takes the same stop decision at the same step (SPEC §3).
-                elapsed, teacher_s = dist_utils.broadcast_floats([elapsed, teacher_s], self.device)
+                # takes the same stop decision at the same step (SPEC §3) — and the same
+                # checkpoint decision, since a checkpoint gathers every rank's RNG.
+                since_checkpoint = time.perf_counter() - last_checkpoint
+                elapsed, teacher_s, since_checkpoint = dist_utils.broadcast_floats(
+                    [elapsed, teacher_s, since_checkpoint], self.device
+                )
                 if not finite:
                     if cfg.on_nonfinite == "stop":
                         raise BudgetKDError(
@@ -801,10 +1009,7 @@ class Pretrainer:
                         writer.add_scalar(f"train/{name}", value, m.steps)
                 if m.fraction(self.budget) >= self.next_eval / cfg.num_evals and not m.exhausted(self.budget):
                     self._record_eval(writer)
-                now = time.perf_counter()
-                due_time = (
-                    cfg.checkpoint_interval_s > 0 and now - last_checkpoint >= cfg.checkpoint_interval_s
-                )
+                due_time = cfg.checkpoint_interval_s > 0 and since_checkpoint >= cfg.checkpoint_interval_s
                 due_steps = cfg.checkpoint_every_steps > 0 and m.steps % cfg.checkpoint_every_steps == 0
                 if due_time or due_steps:
                     self.save_checkpoint()
@@ -843,7 +1048,8 @@ class Pretrainer:
         ):
             self.next_eval += 1
         if writer is not None:
-            writer.add_scalar("val/mlm_loss", result["val_mlm_loss"], self.meter.steps)
+            if result["mlm_head_trained"]:  # an untrained head's loss is not plotted as a result
+                writer.add_scalar("val/mlm_loss", result["val_mlm_loss"], self.meter.steps)
             if "val_loss" in result:
                 writer.add_scalar("val/loss", result["val_loss"], self.meter.steps)
             writer.flush()
@@ -861,7 +1067,11 @@ class Pretrainer:
             "parameters": sum(p.numel() for p in self.module.student.parameters()),
             "budget": self.budget.to_dict(),
             "budget_exhausted": self.meter.exhausted(self.budget),
-            "stopped_by": "budget" if self.meter.exhausted(self.budget) else "data limit (max_epochs)",
+            # "data limit": the data ran out first (max_epochs; with unlimited data the end of the
+            # first epoch, SPEC §1) — the budget was not spent and the schedule never reached 0
+            "stopped_by": "budget" if self.meter.exhausted(self.budget) else "data limit",
+            "max_epochs": self.config.max_epochs,
+            "mlm_head_trained": self.mlm_head_trained,
             "consumed": consumed,
             "tokens_per_s": consumed["tokens_per_s"],
             "val_mlm_loss": final.get("val_mlm_loss"),

@@ -1,15 +1,29 @@
-"""Pretraining data: corpus reading, tokenizers, packing, masking and the step-wise loader."""
+"""Pretraining data: corpus reading, tokenizers, packing, masking and the step-wise loader.
 
-from budgetkd.data.dataset import MicroBatch, PackedData, StepBatches, validation_batches
-from budgetkd.data.masking import MaskingConfig, mask_tokens
-from budgetkd.data.prepare import prepare_dataset
+The names below are imported on first use (PEP 562), so that a process that only tokenizes
+(the worker processes of ``budgetkd prepare``) never imports torch.
+"""
 
-__all__ = [
-    "MaskingConfig",
-    "MicroBatch",
-    "PackedData",
-    "StepBatches",
-    "mask_tokens",
-    "prepare_dataset",
-    "validation_batches",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "MicroBatch": "budgetkd.data.dataset",
+    "PackedData": "budgetkd.data.dataset",
+    "StepBatches": "budgetkd.data.dataset",
+    "validation_batches": "budgetkd.data.dataset",
+    "MaskingConfig": "budgetkd.data.masking",
+    "mask_tokens": "budgetkd.data.masking",
+    "prepare_dataset": "budgetkd.data.prepare",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'budgetkd.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from budgetkd.errors import BudgetKDError
@@ -135,38 +136,58 @@ def read_file_documents(path: Path) -> Iterator[list[str]]:
             yield doc
 
 
+def iter_wiki_articles(lines: Iterable[str]) -> Iterator[list[str]]:
+    """:func:`split_wiki_articles` as a stream: one article in memory at a time."""
+    current: list[str] = []
+    for line in lines:
+        if _WIKI_TITLE.match(line) and current:
+            yield current
+            current = []
+        current.append(line)
+    if current:
+        yield current
+
+
 def read_hub_documents(spec: str) -> Iterator[list[str]]:
-    """Stream a hub dataset through ``datasets``; unreachable hub → one-line error."""
+    """Stream a hub dataset through ``datasets`` (``streaming=True``: rows are read as they are
+    needed, never the whole dataset in memory or on disk); unreachable hub → one-line error."""
     name, config, split = parse_hf_spec(spec)
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, config, split=split)
+        dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+        rows = iter(dataset)
+        first = next(rows, None)
     except Exception as exc:  # the hub raises many different types when offline
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BudgetKDError(
-            f"cannot load hub dataset {spec} ({first[:160]}); without hub access pass local files with --input PATH"
+            f"cannot load hub dataset {spec} ({first_line[:160]}); without hub access pass local files with --input PATH"
         ) from None
-    if "text" not in dataset.column_names:
-        raise BudgetKDError(
-            f"hub dataset {spec} has no 'text' column (columns: {', '.join(dataset.column_names)})"
-        )
+    if first is None:
+        return
+    if "text" not in first:
+        raise BudgetKDError(f"hub dataset {spec} has no 'text' column (columns: {', '.join(first)})")
+    texts = (row["text"] for row in chain([first], rows))
     if "wikitext" in name:
-        yield from (_clean(d) for d in split_wiki_articles(dataset["text"]) if _clean(d))
+        # rows are lines: articles are re-split on their headings, as for the raw files
+        for article in iter_wiki_articles(texts):
+            doc = _clean(article)
+            if doc:
+                yield doc
         return
     if "bookcorpus" in name:
         # One sentence per row and no book boundaries: consecutive rows form the documents.
         lines: list[str] = []
-        for row in dataset:
-            lines.extend(_clean(row["text"].splitlines()))
+        for text in texts:
+            lines.extend(_clean(text.splitlines()))
             if len(lines) >= _LINES_PER_BOOKCORPUS_DOCUMENT:
                 yield lines
                 lines = []
         if lines:
             yield lines
         return
-    for row in dataset:
-        doc = _clean(row["text"].splitlines())
+    for text in texts:
+        doc = _clean(text.splitlines())
         if doc:
             yield doc
 

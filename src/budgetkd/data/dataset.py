@@ -89,6 +89,32 @@ def global_indices(num_sequences: int, data_seed: int, start: int, count: int) -
     return rows
 
 
+DEFAULT_MAX_MICRO_BATCH = 64
+
+
+def resolve_micro_batch(batch_size: int, world_size: int, max_micro_batch: int | None = None) -> int:
+    """The per-process micro-batch of a global batch ``B`` on ``W`` processes: the largest divisor
+    of the per-process batch ``B/W`` that is at most ``max_micro_batch`` (what one device holds;
+    default 64). Global batches — hence data, masks and results — do not depend on ``W``: only the
+    number of accumulation steps ``B/W/b`` does (SPEC §1). So a config saying "global batch 1024,
+    micro-batch at most 256" runs unchanged on 1 (256 × 4 accumulation), 8 (128 × 1) or 16 (64 × 1)
+    processes. ``B`` not divisible by ``W`` is refused: ranks would see unequal slices."""
+    if batch_size <= 0:
+        raise BudgetKDError(f"batch size must be positive, got {batch_size}")
+    if world_size <= 0:
+        raise BudgetKDError(f"world size must be positive, got {world_size}")
+    if max_micro_batch is not None and max_micro_batch <= 0:
+        raise BudgetKDError(f"micro-batch size must be positive, got {max_micro_batch}")
+    if batch_size % world_size:
+        raise BudgetKDError(
+            f"batch size {batch_size} is not divisible by the {world_size} processes; choose a global batch "
+            f"that is a multiple of the world size"
+        )
+    per_rank = batch_size // world_size
+    limit = min(per_rank, DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch)
+    return max(d for d in range(1, limit + 1) if per_rank % d == 0)
+
+
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [b, L] with masking applied

@@ -15,9 +15,12 @@ finds the same fingerprint and reuses the result.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
+from collections import deque
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_write_json, read_json, replace_dir, sha256_file, sha256_json
 
 FORMAT_VERSION = 3
-_ENCODE_BATCH_LINES = 2048
+_CHUNK_LINES = 2048  # lines per tokenization chunk (≈ 100–300 kB of text)
 
 
 def _tokenizer_fingerprint(tokenizer_spec: str | None, train_vocab: int | None) -> str:
@@ -65,42 +68,89 @@ def dataset_fingerprint(
     )
 
 
-def _encode_documents(tokenizer, sources: list[Source], sink, progress: bool) -> tuple[list[int], list[int]]:
-    """Tokenize every document (lines encoded in large batches by the Rust tokenizer) and append
-    its ids to ``sink`` as int32; return the document lengths and the index of the input each
-    document came from. Memory stays bounded by a batch."""
-    lengths: list[int] = []
-    groups: list[int] = []
-    pending_lines: list[str] = []
-    pending_doc_sizes: list[int] = []
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, e.g. a Slurm allocation)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
-    def flush() -> None:
-        if not pending_lines:
-            return
-        encoded = tokenizer(pending_lines, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        start = 0
-        for size in pending_doc_sizes:
-            ids = np.fromiter(
-                (token for line in encoded[start : start + size] for token in line), dtype=np.int32
-            )
-            sink.write(ids.tobytes())
-            lengths.append(len(ids))
-            start += size
-        pending_lines.clear()
-        pending_doc_sizes.clear()
 
-    bar = tqdm(desc="tokenizing documents", unit="doc", disable=not progress)
+def _chunks(sources: list[Source]):
+    """(source index, documents) chunks of about ``_CHUNK_LINES`` lines, in corpus order."""
     for source_index, source in enumerate(sources):
+        chunk: list[list[str]] = []
+        lines = 0
         for doc in iter_documents([source]):
-            pending_lines.extend(doc)
-            pending_doc_sizes.append(len(doc))
-            groups.append(source_index)
-            bar.update(1)
-            if len(pending_lines) >= _ENCODE_BATCH_LINES:
-                flush()
-    flush()
-    bar.close()
-    return lengths, groups
+            chunk.append(doc)
+            lines += len(doc)
+            if lines >= _CHUNK_LINES:
+                yield source_index, chunk
+                chunk, lines = [], 0
+        if chunk:
+            yield source_index, chunk
+
+
+def _encode_documents(
+    tokenizer, sources: list[Source], sink, progress: bool, workers: int = 1
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Tokenize every document and append its ids to ``sink`` as int32, in corpus order; return
+    (document lengths, index of the input each document came from, seconds spent).
+
+    Documents are read in this process and tokenized in chunks (:mod:`budgetkd.data.encode`) —
+    here, or by ``workers`` spawned processes when there is more than one chunk. At most
+    ``2·workers + 2`` chunks are in flight and results are written in submission order, so
+    memory stays bounded by a few chunks and the bytes written do not depend on ``workers``."""
+    from budgetkd.data import encode
+
+    tokenizer_json = encode.backend_json(tokenizer)
+    lengths: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress)
+    started = time.perf_counter()
+
+    def write(source_index: int, result) -> None:
+        flat, doc_lengths = result
+        sink.write(flat.tobytes())
+        lengths.append(doc_lengths)
+        groups.append(np.full(len(doc_lengths), source_index, dtype=np.int64))
+        bar.update(len(flat))
+
+    pool = None
+    pending: deque = deque()
+    chunks = _chunks(sources)
+    try:
+        first = next(chunks, None)
+        second = next(chunks, None) if first is not None else None
+        if second is None or workers <= 1:
+            # one process: the Rust tokenizer may use its own threads (TOKENIZERS_PARALLELISM)
+            encode.init_worker(tokenizer_json, threads=True)
+            for source_index, chunk in chain([c for c in (first, second) if c is not None], chunks):
+                write(source_index, encode.encode_chunk(chunk))
+        else:
+            # fork where there is one (as DataLoader and datasets.map do): workers start at once and
+            # need no importable __main__; init_worker turns the forked child's tokenizer threads
+            # off, since the parent's Rust thread pool does not survive a fork
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            pool = context.Pool(workers, initializer=encode.init_worker, initargs=(tokenizer_json, False))
+            for source_index, chunk in chain([first, second], chunks):
+                pending.append((source_index, pool.apply_async(encode.encode_chunk, (chunk,))))
+                while len(pending) > 2 * workers + 1:
+                    index, result = pending.popleft()
+                    write(index, result.get())
+            while pending:
+                index, result = pending.popleft()
+                write(index, result.get())
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+    elapsed = time.perf_counter() - started
+    if not lengths:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), elapsed
+    return np.concatenate(lengths), np.concatenate(groups), elapsed
 
 
 def prepare_dataset(
@@ -113,8 +163,12 @@ def prepare_dataset(
     validation_fraction: float = 0.01,
     seed: int = 0,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
-    """Build (or reuse) a packed dataset in ``out_dir``; return its ``meta.json`` content."""
+    """Build (or reuse) a packed dataset in ``out_dir``; return its ``meta.json`` content.
+
+    ``workers``: tokenizing processes (default: every available core); the output does not depend
+    on it."""
     if (tokenizer is None) == (train_tokenizer is None):
         raise BudgetKDError("give exactly one of --tokenizer PATH_OR_HUB_ID and --train-tokenizer VOCAB_SIZE")
     if not 8 <= seq_len <= 8192:
@@ -123,6 +177,9 @@ def prepare_dataset(
         raise BudgetKDError(f"--validation-fraction {validation_fraction} must lie in [0, 0.5)")
     if not isinstance(seed, int) or seed < 0:
         raise BudgetKDError(f"--seed must be a non-negative integer, got {seed!r}")
+    if workers is not None and workers < 1:
+        raise BudgetKDError(f"--workers must be at least 1, got {workers}")
+    workers = available_cores() if workers is None else workers
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BudgetKDError(f"--out {out_dir} is a file, not a directory")
@@ -155,12 +212,17 @@ def prepare_dataset(
     try:
         # Pass 1: tokens of every document into one flat int32 file (the corpus never sits in memory).
         with open(tmp / "documents.tmp", "wb") as sink:
-            lengths, groups = _encode_documents(tok, sources, sink, progress)
-            lengths = np.asarray(lengths, dtype=np.int64)
+            lengths, groups, encode_s = _encode_documents(tok, sources, sink, progress, workers)
+        if progress:
+            print(
+                f"tokenized {int(lengths.sum()):,} tokens in {encode_s:.1f} s "
+                f"({lengths.sum() / max(encode_s, 1e-9):,.0f} tokens/s, {workers} worker(s))",
+                flush=True,
+            )
         if len(lengths) == 0 or int(lengths.sum()) == 0:
             raise BudgetKDError(f"the corpus is empty: no text found in {', '.join(inputs)}")
         # Pass 2: hold out validation (needs lengths only), then pack both splits as streams.
-        plan = plan_validation(lengths, validation_fraction, seed, np.asarray(groups))
+        plan = plan_validation(lengths, validation_fraction, seed, groups)
         tokens = np.memmap(tmp / "documents.tmp", dtype=np.int32, mode="r")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         counts = {"train": 0, "valid": 0}

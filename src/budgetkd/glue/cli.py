@@ -1,5 +1,8 @@
 """``budgetkd glue MODEL_DIR --out DIR ...``: the argparse part of the GLUE command.
 
+Under ``torchrun --nproc_per_node N -m budgetkd glue ...`` (or across nodes sharing ``--out``)
+every rank takes jobs of the grid until none are left; rank 0 writes glue.json.
+
 The main CLI calls :func:`add_arguments` on its ``glue`` sub-parser and :func:`run` with the parsed
 namespace; :class:`~budgetkd.errors.BudgetKDError` propagates to it (one-line message, exit 2).
 ``python -m budgetkd.glue.cli`` runs the command on its own.
@@ -53,7 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="CPU threads for training (default: PyTorch's, all usable cores)",
+        help="CPU threads per job (default 1, whatever the number of ranks: the thread count changes "
+        "the float results; on CPU run more ranks instead, torchrun --nproc_per_node $(nproc))",
+    )
+    stack = parser.add_mutually_exclusive_group()
+    stack.add_argument(
+        "--stack",
+        dest="stack",
+        action="store_true",
+        default=None,
+        help="train the learning rates of each (task, batch size, seed) together as one stacked model "
+        "(default: on CUDA only, where it is faster)",
+    )
+    stack.add_argument("--no-stack", dest="stack", action="store_false", help="one configuration at a time")
+    parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="length-grouped training batches (less padding; changes the recipe, so off by default)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -75,8 +94,12 @@ def run(args: argparse.Namespace) -> int:
         save_predictions=args.save_predictions,
         device=args.device,
         threads=getattr(args, "threads", None),
+        stack=getattr(args, "stack", None),
+        group_by_length=getattr(args, "group_by_length", False),
         progress=getattr(args, "progress", True),
     )
+    if glue is None:  # a rank > 0 of a torchrun launch: it took jobs, rank 0 reports
+        return 0
     scores = ", ".join(
         f"{name} {100 * entry['score']:.1f}" if entry["score"] is not None else f"{name} missing"
         for name, entry in glue["tasks"].items()

@@ -12,7 +12,10 @@ The recipe, identical for every model (no per-model cases):
   parameter except biases and normalisation-layer weights; gradient norm clipped to 1.0.
 - Learning rate: linear warm-up over the first ⌈0.06·T⌉ steps to the peak, linear decay to 0 at
   step T = epochs · ⌈n_train / batch⌉ (``get_linear_schedule_with_warmup``).
-- Training order: a ``torch.Generator`` seeded with ``seed`` shuffles each epoch.
+- Training order: a ``torch.Generator`` seeded with ``seed`` shuffles each epoch
+  (:func:`epoch_batches`); with ``group_by_length`` (off in the paper recipe) each window of 50
+  batches of that shuffle is sorted by length before it is cut into batches (HF's
+  ``group_by_length``), so a batch pads little.
 - bf16 autocast on CUDA (when supported), fp32 on CPU.
 - The configuration's score is the dev score after the last epoch (no early stopping).
 
@@ -136,10 +139,17 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def load_classifier(model_dir: str | Path, task: GlueTask, pad_token_id: int | None = None):
+def load_classifier(
+    model_dir: str | Path,
+    task: GlueTask,
+    pad_token_id: int | None = None,
+    attn_implementation: str | None = None,
+):
     from transformers import AutoModelForSequenceClassification
 
     kwargs: dict = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if task.is_regression:
         kwargs["problem_type"] = "regression"
     else:
@@ -272,6 +282,45 @@ class FineTuneResult:
     final_loss: float | None  # mean training loss of the last epoch
     train_seconds: float
     eval_seconds: float
+    epoch_losses: list[float | None] = field(default_factory=list)  # mean training loss per epoch
+    step_losses: list[float] = field(default_factory=list)  # every step's loss (not stored)
+
+
+# Window of HF's LengthGroupedSampler: sort 50 batches' worth of the shuffle at a time.
+LENGTH_GROUP_BATCHES = 50
+
+
+def epoch_batches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    lengths: np.ndarray | None = None,
+    group_by_length: bool = False,
+) -> list[np.ndarray]:
+    """One epoch's batches of example indices: a permutation drawn from ``generator``, cut into
+    consecutive batches of ``batch_size`` (the last one shorter). With ``group_by_length`` each
+    window of ``LENGTH_GROUP_BATCHES · batch_size`` examples of the permutation is first sorted by
+    decreasing length (stable), as HF's ``LengthGroupedSampler`` does."""
+    permutation = torch.randperm(n, generator=generator).numpy()
+    if group_by_length:
+        if lengths is None:
+            raise ValueError("group_by_length needs the example lengths")
+        window = LENGTH_GROUP_BATCHES * batch_size
+        pieces = []
+        for start in range(0, n, window):
+            chunk = permutation[start : start + window]
+            pieces.append(chunk[np.argsort(-lengths[chunk], kind="stable")])
+        permutation = np.concatenate(pieces)
+    return [permutation[start : start + batch_size] for start in range(0, n, batch_size)]
+
+
+def schedule_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The multiplier of the peak learning rate at optimizer step ``step`` (0-based), exactly
+    ``get_linear_schedule_with_warmup``'s: ``step / W`` during warm-up, then ``(T - step) / (T - W)``
+    down to 0 (SPEC §6: W = ⌈0.06·T⌉)."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -314,8 +363,12 @@ def fine_tune(
     precision: str,
     progress: bool = True,
     description: str = "",
+    group_by_length: bool = False,
+    on_step=None,
 ) -> FineTuneResult:
-    """Train one configuration for ``recipe.epochs`` epochs and evaluate on every dev split."""
+    """Train one configuration for ``recipe.epochs`` epochs and evaluate on every dev split.
+
+    ``on_step(done, total)`` is called after every optimizer step (progress reporting)."""
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -331,14 +384,14 @@ def fine_tune(
     started = time.perf_counter()
     model.train()
     final_loss: float | None = None
+    epoch_losses: list[float | None] = []
+    step_losses: list[float] = []
+    lengths = train.lengths()
     with tqdm(total=total_steps, desc=description, unit="step", leave=False, disable=not progress) as bar:
         for _epoch in range(recipe.epochs):
-            permutation = torch.randperm(len(train), generator=generator).numpy()
             loss_sum, loss_count = 0.0, 0
-            for start in range(0, len(permutation), batch_size):
-                batch = {
-                    k: v.to(device) for k, v in train.collate(permutation[start : start + batch_size]).items()
-                }
+            for indices in epoch_batches(len(train), batch_size, generator, lengths, group_by_length):
+                batch = {k: v.to(device) for k, v in train.collate(indices).items()}
                 with _autocast(device, precision):
                     loss = model(**batch).loss
                 loss.backward()
@@ -346,12 +399,16 @@ def fine_tune(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(loss.detach())
+                step_losses.append(float(loss.detach()))
+                loss_sum += step_losses[-1]
                 loss_count += 1
                 bar.update(1)
+                if on_step is not None:
+                    on_step(len(step_losses), total_steps)
                 if loss_count % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
             final_loss = loss_sum / loss_count if loss_count else None
+            epoch_losses.append(final_loss if final_loss is None or math.isfinite(final_loss) else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - started
@@ -380,4 +437,6 @@ def fine_tune(
         final_loss=final_loss,
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
+        epoch_losses=epoch_losses,
+        step_losses=step_losses,
     )

@@ -16,7 +16,7 @@ from torch import nn
 
 from budgetkd.errors import BudgetKDError
 from budgetkd.flops import EncoderShape
-from budgetkd.models import CaptureSpec, check_layer
+from budgetkd.models import CaptureSpec, Depth, check_layer, required_depth
 
 
 @dataclass
@@ -114,6 +114,15 @@ class Strategy(nn.Module):
 
     def teacher_spec(self) -> CaptureSpec:
         return CaptureSpec()
+
+    def student_depth(self) -> Depth:
+        """How far the student's forward must run: to the end when its MLM head is used, else to
+        the deepest tensor :meth:`student_spec` captures (``models.required_depth``)."""
+        return required_depth(self.student_spec(), self.student_shape.layers, self.needs_student_logits)
+
+    def teacher_depth(self) -> Depth:
+        """How far the teacher's forward must run (to the end when its logits are used)."""
+        return required_depth(self.teacher_spec(), self.teacher_shape.layers, self.needs_teacher_logits)
 
     def extra_forward_flops(self, num_sequences: int, seq_len: int) -> tuple[float, float]:
         """(student-side, teacher-side) forward FLOPs of the loss's own products (flops.py

@@ -1,0 +1,1050 @@
+"""The experiment's plan and the checks that refuse a doomed run before any compute.
+
+``budgetkd compare CONFIG --out DIR --dry-run`` resolves the whole experiment and prints it
+(:func:`build_plan`, :func:`render_plan`; also written to ``DIR/plan.json``): every stage in
+order with its run directory, each strategy's budget (or how it will be calibrated), the world
+size, the per-process batch and micro-batch, the GLUE jobs and their optimizer steps, and an
+estimated cost per stage — analytic FLOPs (:mod:`budgetkd.flops`, SPEC §3) and device-hours at
+a throughput measured by ``--probe`` or given by ``--assume-tokens-per-s``.
+
+:func:`preflight` runs the checks of the plan at the start of every real ``compare`` (and
+``pretrain``, :func:`check_pretrain`), before any stage writes anything. It reads configs
+(``config.json``), tokenizers, ``meta.json`` of prepared data, safetensors headers and file
+listings — never a full weight load or a pass over the data. Each problem is one
+:class:`BudgetKDError` line. Whatever it cannot know offline (a hub id, a hub dataset) becomes a
+one-line note, and the plan goes on with the shapes of well-known checkpoints.
+
+Cost model (stated in the printed plan, per packed sequence of length L, P = 15 % of L masked):
+
+* student  = 3 · (encoder_forward(L) + mlm_head_forward(P) if the student's logits are used
+  + the strategy's own products);
+* teacher  = encoder_forward(L) + mlm_head_forward(P) if logits are needed + its products;
+* time: at the probe's (or the given) tokens/s; a strategy not probed runs at the No-KD rate
+  scaled by the FLOP ratio (time ∝ FLOPs: ``benchmarks/throughput.py`` measures how well that
+  holds); W processes run W× the one-process rate;
+* GLUE: 3 · encoder_forward(128) per training example per epoch plus one forward per dev
+  example per epoch — an upper bound (real GLUE sentences are shorter than 128), at the
+  No-KD rate of one device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from budgetkd import flops
+from budgetkd.errors import BudgetKDError
+
+MASK_PROBABILITY = 0.15  # MaskingConfig's default (SPEC §1)
+GLUE_MAX_LENGTH = 128  # the paper's fine-tuning maximum sequence length
+
+# Shapes of well-known hub checkpoints, used when the hub cannot be reached (the plan says so).
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    name: {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "vocab": vocab}
+    for name, vocab in (
+        ("bert-base-uncased", 30522),
+        ("google-bert/bert-base-uncased", 30522),
+        ("bert-base-cased", 28996),
+        ("google-bert/bert-base-cased", 28996),
+    )
+} | {
+    name: {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096, "vocab": vocab}
+    for name, vocab in (
+        ("bert-large-uncased", 30522),
+        ("google-bert/bert-large-uncased", 30522),
+        ("bert-large-cased", 28996),
+        ("google-bert/bert-large-cased", 28996),
+    )
+}
+for _shape in KNOWN_MODELS.values():
+    _shape.update(max_positions=512, mlm_head=True)
+
+# BERT WordPiece tokens of one epoch of the paper's corpora: Table 2 gives 4.6 B tokens for one
+# No-KD epoch of Wikipedia + BookCorpus; BookCorpus (74 M sentences) is about 1 B of them.
+KNOWN_DATASET_TOKENS = {
+    "wikimedia/wikipedia": 3.6e9,
+    "wikipedia": 3.6e9,
+    "bookcorpus/bookcorpus": 1.0e9,
+    "bookcorpus": 1.0e9,
+}
+BYTES_PER_TOKEN = 4.3  # English text per BERT WordPiece token (an estimate for unprepared files)
+
+# Training-set sizes of nyu-mll/glue (the hub copy), for a plan without the files.
+GLUE_HUB_TRAIN_SIZES = {
+    "cola": 8551,
+    "sst2": 67349,
+    "mrpc": 3668,
+    "qqp": 363846,
+    "stsb": 5749,
+    "mnli": 392702,
+    "qnli": 104743,
+    "rte": 2490,
+}
+GLUE_HUB_DEV_SIZES = {
+    "cola": 1043,
+    "sst2": 872,
+    "mrpc": 408,
+    "qqp": 40430,
+    "stsb": 1500,
+    "mnli": 9815 + 9832,
+    "qnli": 5463,
+    "rte": 277,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# What can be known without compute
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (and offline
+    mode is not forced). Asked once: the libraries' own retries take half a minute offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return False
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ModelInfo:
+    """What the checks and the cost model need of a BERT, read from its config.json."""
+
+    source: str  # the path or hub id
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    has_mlm_head: bool
+    origin: str  # "local", "hub", "hub cache", "assumed (…)", "pretrained by budgetkd"
+
+    @property
+    def shape(self) -> flops.EncoderShape:
+        return flops.EncoderShape(self.layers, self.hidden, self.heads, self.intermediate, self.vocab)
+
+    def bert_config(self):
+        from transformers import BertConfig
+
+        return BertConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=self.max_positions,
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def _local_model_dir(path: Path) -> Path:
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    if not has_weights and (path / "model" / "config.json").is_file():
+        return path / "model"  # a budgetkd run directory
+    return path
+
+
+def teacher_info(source: str, notes: list[str]) -> ModelInfo | None:
+    """The teacher's shape and whether it has an MLM head, from config.json and the tensor names
+    of its safetensors headers (a local directory), or the hub's config.json; ``None`` (and a
+    note) when nothing is known."""
+    from transformers import AutoConfig
+
+    from budgetkd.config import check_teacher_path
+
+    path = Path(source)
+    if path.exists():
+        check_teacher_path(source, "teacher.path")
+        local = _local_model_dir(path)
+        try:
+            config = AutoConfig.from_pretrained(str(local))
+        except Exception as exc:
+            raise BudgetKDError(
+                f"cannot read teacher config {local / 'config.json'}: {_first_line(exc)}"
+            ) from None
+        from budgetkd.models import _checkpoint_tensor_names
+
+        names = _checkpoint_tensor_names(local)
+        if names is not None:
+            has_head = any(n.startswith("cls.predictions") for n in names)
+        else:
+            has_head = bool(set(config.architectures or []) & {"BertForMaskedLM", "BertForPreTraining"})
+        origin = "local"
+    else:
+        online = hub_reachable()
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=not online)
+            origin = "hub" if online else "hub cache"
+        except Exception as exc:
+            known = KNOWN_MODELS.get(source)
+            why = "the hub is unreachable here" if not online else _first_line(exc)
+            if known is None:
+                notes.append(f"teacher {source}: {why}; its checks are skipped and its cost unknown")
+                return None
+            notes.append(f"teacher {source}: {why}; its checks use the known {source} shape")
+            shape = {k: v for k, v in known.items() if k != "mlm_head"}
+            return ModelInfo(
+                source=source, origin="assumed (known shape)", has_mlm_head=bool(known["mlm_head"]), **shape
+            )
+        architectures = set(config.architectures or [])
+        has_head = bool(architectures & {"BertForMaskedLM", "BertForPreTraining"}) or not architectures
+    if config.model_type != "bert":
+        raise BudgetKDError(f"teacher {source} is a {config.model_type!r} model; a BERT checkpoint is needed")
+    return ModelInfo(
+        source=source,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        intermediate=config.intermediate_size,
+        vocab=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        has_mlm_head=has_head,
+        origin=origin,
+    )
+
+
+@dataclass
+class TokenizerInfo:
+    vocab: int | None
+    vocabulary: dict | None  # token → id, when the tokenizer could be loaded
+    source: str
+
+
+def tokenizer_info(
+    spec: str | None, train_vocab: int | None, prepared: Path | None, notes: list[str]
+) -> TokenizerInfo:
+    """The data's tokenizer: of a prepared dataset, a trained WordPiece (size only), or a local
+    path / hub id (loaded: a tokenizer is small)."""
+    from budgetkd.data.tokenizer import load_tokenizer
+
+    if prepared is not None:
+        tokenizer = load_tokenizer(prepared / "tokenizer")
+        return TokenizerInfo(len(tokenizer), tokenizer.get_vocab(), str(prepared / "tokenizer"))
+    if train_vocab is not None:
+        return TokenizerInfo(train_vocab, None, f"WordPiece trained on the corpus ({train_vocab})")
+    if Path(str(spec)).exists():
+        tokenizer = load_tokenizer(spec)
+        return TokenizerInfo(len(tokenizer), tokenizer.get_vocab(), str(spec))
+    if not hub_reachable():
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+            return TokenizerInfo(len(tokenizer), tokenizer.get_vocab(), f"{spec} (hub cache)")
+        except Exception:
+            known = KNOWN_MODELS.get(str(spec))
+            notes.append(
+                f"tokenizer {spec}: the hub is unreachable here; "
+                + (
+                    f"assuming its known vocabulary of {known['vocab']}"
+                    if known
+                    else "its vocabulary is unknown"
+                )
+            )
+            return TokenizerInfo(known["vocab"] if known else None, None, f"{spec} (assumed)")
+    tokenizer = load_tokenizer(spec)
+    return TokenizerInfo(len(tokenizer), tokenizer.get_vocab(), str(spec))
+
+
+@dataclass
+class DataInfo:
+    train_sequences: float | None  # packed training sequences (exact when prepared, else an estimate)
+    exact: bool
+    what: str  # how it was obtained
+    prepared: Path | None = None  # a ready dataset (data.prepared or DIR/data)
+    meta: dict | None = None
+
+
+def data_info(cfg: dict, out: Path, notes: list[str]) -> DataInfo:
+    """Packed training sequences of the corpus: exact from a prepared dataset's meta.json, else
+    estimated from the local files' sizes and the known sizes of hub datasets."""
+    from budgetkd.io import read_json
+
+    data = cfg["data"]
+    seq_len = data["seq_len"]
+    candidates = [Path(data["prepared"])] if data.get("prepared") else [out / "data"]
+    for candidate in candidates:
+        if (candidate / "meta.json").is_file():
+            meta = read_json(candidate / "meta.json", "dataset metadata (meta.json)")
+            return DataInfo(
+                float(meta["num_train_sequences"]), True, f"prepared in {candidate}", candidate, meta
+            )
+    if data.get("prepared"):
+        raise BudgetKDError(
+            f"config key 'data.prepared': {data['prepared']} holds no prepared dataset (meta.json); "
+            "create it with budgetkd prepare"
+        )
+    tokens = 0.0
+    unknown = []
+    for item in data["inputs"]:
+        if item.startswith("hf:"):
+            from budgetkd.data.corpus import parse_hf_spec
+
+            name, _config, _split = parse_hf_spec(item)
+            known = KNOWN_DATASET_TOKENS.get(name)
+            if known is None:
+                unknown.append(item)
+            else:
+                tokens += known
+            continue
+        path = Path(item)
+        if not path.exists():
+            raise BudgetKDError(f"config key 'data.inputs': input not found: {item}")
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        tokens += sum(p.stat().st_size for p in files) / BYTES_PER_TOKEN
+    hub = [i for i in data["inputs"] if i.startswith("hf:")]
+    if hub and not hub_reachable():
+        notes.append(f"hub datasets {', '.join(hub)}: the hub is unreachable here; the data stage needs it")
+    if unknown:
+        notes.append(f"the size of {', '.join(unknown)} is unknown: the cost of its epochs is not estimated")
+        return DataInfo(None, False, "unknown")
+    return DataInfo(tokens / (seq_len - 1), False, "estimated from file sizes and known corpus sizes")
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an output directory that cannot be written: a file, under a file, or in a folder
+    where a file cannot be created (tried, not inferred from permission bits: root ignores them)."""
+    if out.exists() and not out.is_dir():
+        raise BudgetKDError(f"--out {out} is a file, not a directory")
+    probe_dir = out
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise BudgetKDError(f"--out {out} cannot be created: {probe_dir} is a file")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".budgetkd-write-check-", dir=probe_dir)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise BudgetKDError(
+            f"--out {out} is not writable: cannot create a file in {probe_dir} ({exc.strerror})"
+        ) from None
+
+
+def _examples(path: Path, header: bool) -> int:
+    """Non-empty lines of a TSV file, minus its header line (a listing-level count, no parsing)."""
+    with open(path, "rb") as handle:
+        count = sum(1 for line in handle if line.strip())
+    return count - (1 if header else 0)
+
+
+def glue_sizes(cfg: dict) -> dict[str, tuple[int, int, str]]:
+    """task → (training examples, dev examples, where the counts come from): line counts of the
+    local files (minus the header), else the hub copy's known sizes; capped by
+    ``max_train_examples`` / ``max_eval_examples``."""
+    from budgetkd.glue.loading import check_local_files
+    from budgetkd.glue.tasks import parse_tasks
+
+    glue = cfg["glue"]
+    out = {}
+    for task in parse_tasks(glue["tasks"]):
+        if glue["dir"] is not None:
+            try:
+                folder = check_local_files(task, glue["dir"])
+            except BudgetKDError as exc:
+                raise BudgetKDError(f"config key 'glue.dir': {exc}") from None
+
+            train = _examples(folder / task.train_file, task.header)
+            dev = sum(
+                _examples(folder / s.file, task.header)
+                for s in task.dev_splits
+                if (folder / s.file).is_file()
+            )
+            where = "local files"
+        else:
+            train, dev, where = GLUE_HUB_TRAIN_SIZES[task.name], GLUE_HUB_DEV_SIZES[task.name], "hub sizes"
+        if glue["max_train_examples"] is not None:
+            train = min(train, glue["max_train_examples"])
+        if glue["max_eval_examples"] is not None:
+            dev = min(dev, glue["max_eval_examples"] * len(task.dev_splits))
+        out[task.name] = (train, dev, where)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Resolved:
+    """What :func:`preflight` found; :func:`build_plan` turns it into the plan."""
+
+    world_size: int
+    per_rank_batch: int
+    micro_batch: int
+    teacher: ModelInfo | None
+    tokenizer: TokenizerInfo
+    data: DataInfo
+    student: ModelInfo
+    strategies: dict[str, Any]  # label → strategy instance (built from configs only)
+    teacher_pretrain_micro: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_teacher_for(
+    strategy_cls, label: str, teacher: ModelInfo, teacher_cfg: dict, seq_len: int, vocab: int | None
+) -> None:
+    """The checks of one KD strategy against the teacher (configs only)."""
+    if (
+        strategy_cls.needs_teacher_logits
+        and not teacher.has_mlm_head
+        and teacher_cfg.get("fit_mlm_head") is False
+    ):
+        raise BudgetKDError(
+            f"strategy {label!r} needs teacher logits, but {teacher.source} is an encoder-only checkpoint "
+            "without an MLM head and teacher.fit_mlm_head is false"
+        )
+
+
+def preflight(cfg: dict, out: Path, world_size: int, *, check_out: bool = True) -> Resolved:
+    """Every check that needs no compute (module docstring); the first failure is raised."""
+    import torch
+
+    from budgetkd.data.dataset import resolve_micro_batch
+    from budgetkd.models import resolve_architecture, student_config
+    from budgetkd.strategies import REGISTRY
+
+    notes: list[str] = []
+    if check_out:
+        check_output_dir(out)
+    opt = cfg["optimizer"]
+    try:
+        micro = resolve_micro_batch(opt["batch_size"], world_size, opt["micro_batch_size"])
+    except BudgetKDError as exc:
+        raise BudgetKDError(f"config key 'optimizer.batch_size': {exc}") from None
+    data_cfg, teacher_cfg = cfg["data"], cfg["teacher"]
+    seq_len = data_cfg["seq_len"]
+    data = data_info(cfg, out, notes)
+    if data.meta is not None and int(data.meta["seq_len"]) != seq_len:
+        raise BudgetKDError(
+            f"config key 'data.seq_len' is {seq_len}, but the prepared dataset {data.prepared} has sequences of "
+            f"{data.meta['seq_len']} tokens; set data.seq_len: {data.meta['seq_len']} or prepare the data again"
+        )
+
+    teacher = None
+    teacher_micro = None
+    if teacher_cfg is not None and "path" in teacher_cfg:
+        teacher = teacher_info(teacher_cfg["path"], notes)
+    tok = data_cfg["tokenizer"]
+    train_vocab = tok["train"] if isinstance(tok, dict) else None
+    spec = teacher_cfg["path"] if tok == "teacher" else (None if isinstance(tok, dict) else tok)
+    tokenizer = tokenizer_info(spec, train_vocab, data.prepared, notes)
+    if data.prepared is not None and data_cfg.get("prepared"):
+        _check_prepared_tokenizer(tok, tokenizer, data.prepared)
+    vocab = tokenizer.vocab
+    if teacher_cfg is not None and "pretrain" in teacher_cfg:
+        block = teacher_cfg["pretrain"]
+        arch = resolve_architecture(block["student"])
+        teacher = ModelInfo(
+            source="teacher pretrained by budgetkd",
+            layers=arch.layers,
+            hidden=arch.hidden,
+            heads=arch.heads,
+            intermediate=arch.intermediate,
+            vocab=vocab or 30522,
+            max_positions=max(512, seq_len),
+            has_mlm_head=True,
+            origin="pretrained by budgetkd",
+        )
+        try:
+            teacher_micro = resolve_micro_batch(
+                block["batch_size"] or opt["batch_size"], world_size, block["micro_batch_size"]
+            )
+        except BudgetKDError as exc:
+            raise BudgetKDError(f"config key 'teacher.pretrain.batch_size': {exc}") from None
+
+    if teacher is not None and teacher.origin != "pretrained by budgetkd":
+        if vocab is not None and teacher.vocab != vocab:
+            raise BudgetKDError(
+                f"vocabulary mismatch: teacher {teacher.source} has {teacher.vocab} tokens, the data's tokenizer "
+                f"({tokenizer.source}) {vocab}; set data.tokenizer: teacher"
+            )
+        if tokenizer.vocabulary is not None and teacher.origin == "local":
+            _check_same_vocabulary(Path(teacher.source), tokenizer)
+        if seq_len > teacher.max_positions:
+            raise BudgetKDError(
+                f"config key 'data.seq_len': {seq_len} exceeds the teacher's {teacher.max_positions} positions "
+                f"({teacher.source})"
+            )
+
+    arch = resolve_architecture(cfg["student"])
+    student_vocab = vocab or (teacher.vocab if teacher else 30522)
+    s_config = student_config(arch, student_vocab, seq_len, {})
+    if seq_len > s_config.max_position_embeddings:
+        raise BudgetKDError(f"config key 'data.seq_len': {seq_len} exceeds the student's positions")
+    student = ModelInfo(
+        source=arch.name,
+        layers=arch.layers,
+        hidden=arch.hidden,
+        heads=arch.heads,
+        intermediate=arch.intermediate,
+        vocab=student_vocab,
+        max_positions=s_config.max_position_embeddings,
+        has_mlm_head=True,
+        origin="created",
+    )
+    strategies = {}
+    t_config = teacher.bert_config() if teacher is not None else None
+    for index, entry in enumerate(cfg["strategies"]):
+        cls = REGISTRY[entry["name"]]
+        if cls.needs_teacher and teacher is None:
+            continue  # the teacher is unknown offline: noted above
+        if cls.needs_teacher:
+            check_teacher_for(cls, entry["label"], teacher, teacher_cfg, seq_len, vocab)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the projections it creates draw random numbers
+                strategies[entry["label"]] = cls(
+                    entry["options"], s_config, t_config if cls.needs_teacher else None
+                )
+        except BudgetKDError as exc:
+            raise BudgetKDError(f"config key 'strategies[{index}]' ({entry['label']}): {exc}") from None
+    if cfg["glue"]["dir"] is not None:
+        glue_sizes(cfg)  # the local GLUE files: every requested task and split
+    return Resolved(
+        world_size=world_size,
+        per_rank_batch=opt["batch_size"] // world_size,
+        micro_batch=micro,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        data=data,
+        student=student,
+        strategies=strategies,
+        teacher_pretrain_micro=teacher_micro,
+        notes=notes,
+    )
+
+
+def _check_prepared_tokenizer(tok, tokenizer: TokenizerInfo, prepared: Path) -> None:
+    """A prepared dataset must have been made with the tokenizer the config names."""
+    from budgetkd.data.tokenizer import load_tokenizer
+
+    if isinstance(tok, dict) and tokenizer.vocab != tok["train"]:
+        raise BudgetKDError(
+            f"config key 'data.prepared': {prepared} has a vocabulary of {tokenizer.vocab}, "
+            f"data.tokenizer asks for a trained WordPiece of {tok['train']}"
+        )
+    if isinstance(tok, str) and tok != "teacher" and Path(tok).exists():
+        if load_tokenizer(tok).get_vocab() != tokenizer.vocabulary:
+            raise BudgetKDError(
+                f"config key 'data.prepared': {prepared} was tokenized with another tokenizer than {tok}"
+            )
+
+
+def _check_same_vocabulary(teacher_dir: Path, tokenizer: TokenizerInfo) -> None:
+    """Same size is not enough: a local teacher that ships its tokenizer must ship this one."""
+    from budgetkd.data.tokenizer import load_tokenizer
+
+    local = _local_model_dir(teacher_dir)
+    for candidate in (local, teacher_dir):
+        if (candidate / "vocab.txt").exists() or (candidate / "tokenizer.json").exists():
+            if load_tokenizer(candidate).get_vocab() != tokenizer.vocabulary:
+                raise BudgetKDError(
+                    f"vocabulary mismatch: teacher {teacher_dir} uses a different tokenizer than the data "
+                    f"({tokenizer.source}); set data.tokenizer: teacher"
+                )
+            return
+
+
+def check_pretrain(config) -> None:
+    """The checks of :func:`preflight` for one ``budgetkd pretrain`` run (a :class:`TrainConfig`),
+    before its data is opened or its teacher loaded: batch against world size, the strategy's
+    options, head counts and layer map against the teacher's config.json, vocabulary, positions."""
+    import torch
+
+    from budgetkd import distributed
+    from budgetkd.data.dataset import resolve_micro_batch
+    from budgetkd.io import read_json
+    from budgetkd.models import resolve_architecture, student_config
+    from budgetkd.strategies import get_strategy
+
+    resolve_micro_batch(config.batch_size, distributed.world_size(), config.micro_batch_size)
+    cls = get_strategy(config.strategy)
+    meta_path = Path(config.data) / "meta.json"
+    if not meta_path.is_file():
+        return  # the trainer names the missing dataset
+    meta = read_json(meta_path, "dataset metadata (meta.json)")
+    arch = resolve_architecture(config.student)
+    s_config = student_config(arch, int(meta["vocab_size"]), int(meta["seq_len"]), {})
+    t_config = None
+    if cls.needs_teacher and config.teacher:
+        notes: list[str] = []
+        teacher = teacher_info(config.teacher, notes)
+        if teacher is None:
+            return
+        if teacher.vocab != int(meta["vocab_size"]):
+            raise BudgetKDError(
+                f"vocabulary mismatch: teacher {config.teacher} has {teacher.vocab} tokens, the data's tokenizer "
+                f"{meta['vocab_size']}; prepare the data with --tokenizer {config.teacher}"
+            )
+        if int(meta["seq_len"]) > teacher.max_positions:
+            raise BudgetKDError(
+                f"seq_len {meta['seq_len']} exceeds the teacher's {teacher.max_positions} positions"
+            )
+        t_config = teacher.bert_config()
+        if cls.needs_teacher_logits and not teacher.has_mlm_head:
+            raise BudgetKDError(
+                f"strategy {config.strategy!r} needs teacher logits, but {config.teacher} is an encoder-only "
+                "checkpoint without an MLM head"
+            )
+    if cls.needs_teacher and t_config is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        cls(config.strategy_options, s_config, t_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost model
+# ---------------------------------------------------------------------------------------------
+
+
+def sequence_flops(
+    student: ModelInfo, teacher: ModelInfo | None, strategy, seq_len: int
+) -> tuple[float, float]:
+    """(student, teacher) training FLOPs of one packed sequence of ``seq_len`` tokens (module
+    docstring), from :mod:`budgetkd.flops`."""
+    predicted = MASK_PROBABILITY * (seq_len - 2)
+    s_shape = student.shape
+    student_fwd = flops.encoder_forward(s_shape, seq_len, 1)
+    if strategy.needs_student_logits:
+        student_fwd += flops.mlm_head_forward(s_shape, predicted)
+    extra_s, extra_t = strategy.extra_forward_flops(1, seq_len)
+    teacher_flops = 0.0
+    if strategy.needs_teacher and teacher is not None:
+        teacher_flops = flops.encoder_forward(teacher.shape, seq_len, 1) + extra_t
+        if strategy.needs_teacher_logits:
+            teacher_flops += flops.mlm_head_forward(teacher.shape, predicted)
+    return flops.training_flops(student_fwd + extra_s), teacher_flops
+
+
+def _hours(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds / 3600.0
+
+
+def build_plan(
+    cfg: dict,
+    out: Path,
+    resolved: Resolved,
+    *,
+    tokens_per_s: dict[str, float] | None = None,
+    assumed_tokens_per_s: float | None = None,
+) -> dict:
+    """The plan as plain data (what ``DIR/plan.json`` holds). ``tokens_per_s``: measured by the
+    probe per strategy label, for one process; ``assumed_tokens_per_s``: the No-KD rate of the
+    whole launch (all processes)."""
+    from budgetkd.budget import Budget
+    from budgetkd.glue.search import parse_grid
+    from budgetkd.strategies import REGISTRY
+
+    world = resolved.world_size
+    seq_len = cfg["data"]["seq_len"]
+    opt = cfg["optimizer"]
+    batch = opt["batch_size"]
+    tokens_per_seq = seq_len - 1  # packed rows are full but for the last one; [CLS]…[SEP] counted
+    n_train = resolved.data.train_sequences
+    labels = [s["label"] for s in cfg["strategies"]]
+    by_label = {s["label"]: s for s in cfg["strategies"]}
+
+    per_seq = {
+        label: sequence_flops(resolved.student, resolved.teacher, strategy, seq_len)
+        for label, strategy in resolved.strategies.items()
+    }
+
+    # throughput of the launch, tokens/s, per strategy
+    rates: dict[str, float | None] = {}
+    rate_source = None
+    none_label = next((s["label"] for s in cfg["strategies"] if s["name"] == "none"), None)
+    if tokens_per_s:
+        rate_source = "probe on this machine (one process) × world size"
+        for label in labels:
+            if label in tokens_per_s:
+                rates[label] = tokens_per_s[label] * world
+    elif assumed_tokens_per_s is not None:
+        rate_source = "--assume-tokens-per-s (No-KD, whole launch); others scaled by their FLOPs"
+        reference = none_label or labels[0]
+        rates[reference] = assumed_tokens_per_s
+    if rates:
+        reference = none_label if none_label in rates else next(iter(rates))
+        ref_flops = sum(per_seq[reference]) if reference in per_seq else None
+        for label in labels:
+            if label not in rates and label in per_seq and ref_flops:
+                rates[label] = rates[reference] * ref_flops / sum(per_seq[label])
+
+    def seconds(label: str, sequences: float | None) -> float | None:
+        rate = rates.get(label)
+        if rate is None or sequences is None:
+            return None
+        return sequences * tokens_per_seq / rate
+
+    stages: list[dict] = []
+    data_dir = resolved.data.prepared or (out / "data")
+    stages.append(
+        {
+            "stage": "data",
+            "dir": str(data_dir),
+            "what": (
+                f"use the prepared dataset ({resolved.data.what})"
+                if resolved.data.prepared is not None
+                else f"prepare {len(cfg['data']['inputs'])} input(s) with {resolved.tokenizer.source}, seq_len {seq_len}"
+            ),
+            "train_sequences": n_train,
+            "train_sequences_exact": resolved.data.exact,
+            "flops": 0.0,
+            "device_hours": 0.0,
+        }
+    )
+    teacher_cfg = cfg["teacher"]
+    if teacher_cfg is not None:
+        if "path" in teacher_cfg:
+            t = resolved.teacher
+            shape = "unknown shape" if t is None else f"{t.layers}L-{t.hidden}H-{t.heads}A, vocab {t.vocab}"
+            head = "" if t is None else (", MLM head" if t.has_mlm_head else ", encoder-only")
+            stages.append(
+                {
+                    "stage": "teacher",
+                    "dir": teacher_cfg["path"],
+                    "what": f"check {teacher_cfg['path']} ({shape}{head}; {t.origin if t else 'unreachable'})",
+                    "flops": 0.0,
+                    "device_hours": 0.0,
+                }
+            )
+        else:
+            block = teacher_cfg["pretrain"]
+            stages.append(
+                {
+                    "stage": "teacher",
+                    "dir": str(out / "teacher"),
+                    "what": f"pretrain a {block['student']} teacher for {block['budget']} "
+                    f"(micro-batch {resolved.teacher_pretrain_micro} per process)",
+                    "flops": None,
+                    "device_hours": None,
+                }
+            )
+
+    budget_cfg = cfg["budget"]
+    consumption: dict[str, dict] = {}
+    if "calibrate" in budget_cfg:
+        cal = budget_cfg["calibrate"]
+        cal_label = next(
+            (s["label"] for s in cfg["strategies"] if s["name"] == cal["strategy"]), cal["strategy"]
+        )
+        if cal_label not in per_seq:
+            per_seq[cal_label] = sequence_flops(
+                resolved.student, None, REGISTRY[cal["strategy"]]({}, resolved.student.bert_config()), seq_len
+            )
+        steps = None if n_train is None else math.ceil(cal["epochs"] * n_train / batch)
+        sequences = None if steps is None else steps * batch
+        cal_seconds = seconds(cal_label, sequences)
+        cal_flops = None if sequences is None else sequences * sum(per_seq[cal_label])
+        consumption[cal_label] = {"sequences": sequences, "seconds": cal_seconds, "flops": cal_flops}
+        budget_text = (
+            f"calibrated: {cal['epochs']:g} epoch(s) of {cal['strategy']} → its {cal['currency']}"
+            + (
+                f" ≈ {cal_seconds / 3600:.3g} h"
+                if cal["currency"] == "time" and cal_seconds is not None
+                else f" ≈ {cal_flops:.3g} FLOPs"
+                if cal["currency"] == "flops" and cal_flops is not None
+                else ""
+            )
+        )
+        currency = cal["currency"]
+        amount = cal_seconds if currency == "time" else cal_flops
+    else:
+        parsed = Budget.parse(budget_cfg["explicit"])
+        cal_label = None
+        currency, amount = parsed.currency, parsed.amount
+        budget_text = f"explicit: {budget_cfg['explicit']}"
+
+    max_epochs_kd = 1.0 if cfg["data_setting"] == "unlimited" else None
+    for label in labels:
+        if label == cal_label or label not in per_seq:
+            continue
+        fps = sum(per_seq[label])
+        sequences = _sequences_for(currency, amount, fps, rates.get(label), tokens_per_seq, batch, n_train)
+        capped = False
+        if (
+            sequences is not None
+            and n_train is not None
+            and REGISTRY[by_label[label]["name"]].needs_teacher
+            and max_epochs_kd is not None
+            and sequences > max_epochs_kd * n_train
+        ):
+            sequences, capped = math.floor(max_epochs_kd * n_train / batch) * batch, True
+        consumption[label] = {
+            "sequences": sequences,
+            "seconds": seconds(label, sequences) if currency != "time" or capped else amount,
+            "flops": None if sequences is None else sequences * fps,
+            "capped_by_data": capped,
+        }
+
+    for label in labels:
+        strategy = by_label[label]
+        c = consumption.get(label, {"sequences": None, "seconds": None, "flops": None})
+        fs, ft = per_seq.get(label, (None, None))
+        stage = "calibrate" if label == cal_label else f"pretrain:{label}"
+        steps = None if c["sequences"] is None else math.ceil(c["sequences"] / batch)
+        stages.append(
+            {
+                "stage": stage,
+                "dir": str(out / "runs" / label),
+                "strategy": strategy["name"],
+                "budget": budget_text
+                if label == cal_label or cal_label is None
+                else f"the calibrated {currency}",
+                "steps": steps,
+                "tokens": None if c["sequences"] is None else c["sequences"] * tokens_per_seq,
+                "flops_per_sequence": None if fs is None else fs + ft,
+                "teacher_share": None if fs is None or fs + ft == 0 else ft / (fs + ft),
+                "flops": c["flops"],
+                "tokens_per_s": rates.get(label),
+                "device_hours": None if c["seconds"] is None else c["seconds"] * world / 3600.0,
+                "wall_hours": _hours(c["seconds"]),
+                "stops_at_data_limit": bool(c.get("capped_by_data")),
+                "what": "skipped: its teacher is unknown" if label not in per_seq else "",
+            }
+        )
+
+    # GLUE -------------------------------------------------------------------------------------
+    glue_cfg = cfg["glue"]
+    grid = parse_grid(glue_cfg["grid"]).configurations()
+    sizes = glue_sizes(cfg)
+    s_shape = resolved.student.shape
+    device_rate = None
+    reference = none_label if none_label in rates else (next(iter(rates)) if rates else None)
+    if reference is not None and reference in per_seq:
+        # a device fine-tunes at the FLOP rate it pretrains No-KD at
+        flop_rate = rates[reference] / tokens_per_seq * sum(per_seq[reference]) / world
+        device_rate = flop_rate
+    glue_jobs: list[dict] = []
+    per_student_flops = 0.0
+    per_student_steps = 0
+    for task, (n_train_glue, n_dev, where) in sizes.items():
+        for lr, bs in grid:
+            for seed in glue_cfg["seeds"]:
+                steps = glue_cfg["epochs"] * math.ceil(n_train_glue / bs)
+                job_flops = glue_cfg["epochs"] * (
+                    flops.training_flops(flops.encoder_forward(s_shape, GLUE_MAX_LENGTH, n_train_glue))
+                    + flops.encoder_forward(s_shape, GLUE_MAX_LENGTH, n_dev)
+                )
+                per_student_flops += job_flops
+                per_student_steps += steps
+                glue_jobs.append(
+                    {"task": task, "lr": lr, "batch_size": bs, "seed": seed, "train_examples": n_train_glue,
+                     "dev_examples": n_dev, "sizes_from": where, "steps": steps, "flops": job_flops}
+                )  # fmt: skip
+    for label in labels:
+        stages.append(
+            {
+                "stage": f"glue:{label}",
+                "dir": str(out / "glue" / label),
+                "what": f"{len(sizes)} task(s) × {len(grid)} configuration(s) × {len(glue_cfg['seeds'])} seed(s) "
+                f"= {len(glue_jobs)} fine-tuning jobs, {per_student_steps:,} optimizer steps",
+                "jobs": len(glue_jobs),
+                "steps": per_student_steps,
+                "flops": per_student_flops,
+                "device_hours": None if device_rate is None else per_student_flops / device_rate / 3600.0,
+            }
+        )
+    stages.append({"stage": "report", "dir": str(out), "what": "table.{md,csv,tex}, budget.md, plots/", "flops": 0.0,
+                   "device_hours": 0.0})  # fmt: skip
+
+    total_flops = sum(s["flops"] for s in stages if s.get("flops") is not None)
+    known_hours = [s.get("device_hours") for s in stages]
+    total_hours = None if any(h is None for h in known_hours) else sum(known_hours)
+    return {
+        "version": 1,
+        "name": cfg["name"],
+        "out": str(out),
+        "world_size": world,
+        "global_batch": batch,
+        "per_process_batch": resolved.per_rank_batch,
+        "micro_batch": resolved.micro_batch,
+        "accumulation_steps": resolved.per_rank_batch // resolved.micro_batch,
+        "max_micro_batch": opt["micro_batch_size"],
+        "seq_len": seq_len,
+        "student": resolved.student.__dict__ | {"source": str(resolved.student.source)},
+        "teacher": None if resolved.teacher is None else resolved.teacher.__dict__,
+        "tokenizer": {"source": resolved.tokenizer.source, "vocab": resolved.tokenizer.vocab},
+        "data": {"train_sequences": n_train, "exact": resolved.data.exact, "how": resolved.data.what},
+        "throughput": {"source": rate_source, "tokens_per_s": rates},
+        "stages": stages,
+        "glue_jobs": glue_jobs,
+        "total": {"flops": total_flops, "device_hours": total_hours, "flops_complete": all(
+            s.get("flops") is not None for s in stages
+        )},
+        "notes": resolved.notes,
+    }  # fmt: skip
+
+
+def _sequences_for(currency, amount, fps, rate, tokens_per_seq, batch, n_train) -> float | None:
+    """Packed sequences a strategy consumes under a budget of ``amount`` ``currency`` (whole
+    global batches: a run stops on the first step that reaches its budget)."""
+    if amount is None:
+        return None
+    if currency == "flops":
+        per_step = fps * batch
+    elif currency == "time":
+        if rate is None:
+            return None
+        per_step = batch * tokens_per_seq / rate
+    elif currency == "tokens":
+        per_step = batch * tokens_per_seq
+    elif currency == "steps":
+        per_step = 1.0
+    else:  # epochs
+        if n_train is None:
+            return None
+        return math.ceil(amount * n_train / batch) * batch
+    return math.ceil(amount / per_step) * batch
+
+
+def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -> dict[str, float]:
+    """Tokens/s of each strategy on this machine, one process: ``steps`` charged steps (after
+    the trainer's uncharged warm-up step) at the per-process batch and micro-batch of the
+    launch, in a temporary directory, charged to nothing. Needs the prepared data and a teacher
+    that can be loaded."""
+    import shutil
+
+    from budgetkd.strategies import REGISTRY
+    from budgetkd.train import TrainConfig, pretrain
+
+    if resolved.data.prepared is None:
+        raise BudgetKDError(
+            "--probe needs the prepared data (budgetkd prepare, then data.prepared: DIR, or a finished data stage "
+            "in --out); or give --assume-tokens-per-s"
+        )
+    teacher = None
+    if cfg["teacher"] is not None:
+        teacher = cfg["teacher"].get("path") or str(out / "teacher" / "model")
+    training = cfg["training"]
+    rates: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix="budgetkd-probe-"))
+    try:
+        for entry in cfg["strategies"]:
+            kd = REGISTRY[entry["name"]].needs_teacher
+            if kd and (teacher is None or not (Path(teacher).exists() or resolved.teacher is not None)):
+                continue
+            config = TrainConfig(
+                data=str(resolved.data.prepared),
+                out=str(work / entry["label"]),
+                student=cfg["student"],
+                strategy=entry["name"],
+                teacher=teacher if kd else None,
+                budget=f"{steps}steps",
+                batch_size=resolved.per_rank_batch,
+                micro_batch_size=resolved.micro_batch,
+                seed=cfg["seed"],
+                dropout=training["dropout"],
+                strategy_options=entry["options"],
+                num_evals=1,
+                eval_sequences=8,
+                checkpoint_interval_s=0.0,
+                device=training["device"],
+                progress=False,
+            )
+            try:
+                summary = pretrain(config)
+            except BudgetKDError as exc:
+                resolved.notes.append(f"probe of {entry['label']} failed: {exc}")
+                continue
+            rates[entry["label"]] = float(summary["consumed"]["tokens_per_s"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(value, fmt: str = ".3g", none: str = "–") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def render_plan(plan: dict) -> str:
+    """The plan as the text ``--dry-run`` prints."""
+    lines = [f"plan of experiment {plan['name']!r} → {plan['out']}"]
+    lines.append(
+        f"  launch: {plan['world_size']} process(es); global batch {plan['global_batch']} = "
+        f"{plan['world_size']} × {plan['per_process_batch']} per process = micro-batch {plan['micro_batch']} × "
+        f"{plan['accumulation_steps']} accumulation step(s) (device maximum {plan['max_micro_batch'] or 'default 64'}); "
+        f"seq_len {plan['seq_len']}"
+    )
+    s, t = plan["student"], plan["teacher"]
+    lines.append(
+        f"  student: {s['source']} ({s['layers']}L-{s['hidden']}H-{s['heads']}A, vocab {s['vocab']})"
+    )
+    if t is not None:
+        lines.append(
+            f"  teacher: {t['source']} ({t['layers']}L-{t['hidden']}H-{t['heads']}A, vocab {t['vocab']}, "
+            f"{'MLM head' if t['has_mlm_head'] else 'encoder-only'}; {t['origin']})"
+        )
+    d = plan["data"]
+    lines.append(
+        f"  data: {_num(d['train_sequences'], ',.0f')} training sequences "
+        f"({'exact' if d['exact'] else 'estimate'}: {d['how']})"
+    )
+    th = plan["throughput"]
+    lines.append(
+        "  throughput: "
+        + (
+            ", ".join(f"{k} {v:,.0f} tok/s" for k, v in th["tokens_per_s"].items() if v)
+            + f" ({th['source']})"
+            if th["tokens_per_s"]
+            else "not measured (give --probe or --assume-tokens-per-s for hours)"
+        )
+    )
+    lines.append("  stages:")
+    for st in plan["stages"]:
+        cost = f"{_num(st.get('flops'))} FLOPs, {_num(st.get('device_hours'), '.3g')} device-h"
+        detail = st.get("what") or ""
+        if st["stage"].startswith(("calibrate", "pretrain:")):
+            detail = (
+                f"{st['strategy']}: {st['budget']}; {_num(st['steps'], ',.0f')} steps, "
+                f"{_num(st['tokens'], '.3g')} tokens, {_num(st['flops_per_sequence'])} FLOPs/sequence "
+                f"(teacher {_num(None if st['teacher_share'] is None else 100 * st['teacher_share'], '.0f')} %)"
+                + ("; stops at the data limit (1 epoch)" if st.get("stops_at_data_limit") else "")
+                + (f"; {st['what']}" if st.get("what") else "")
+            )
+        lines.append(f"    {st['stage']:<18} {st['dir']}")
+        lines.append(f"    {'':<18} {detail}")
+        lines.append(f"    {'':<18} cost: {cost}")
+    total = plan["total"]
+    lines.append(
+        f"  total: {_num(total['flops'])} FLOPs{'' if total['flops_complete'] else ' (of the stages estimated)'}, "
+        f"{_num(total['device_hours'], '.3g')} device-hours"
+    )
+    lines.append(
+        "  (FLOPs: budgetkd.flops, 15 % of positions predicted; GLUE at length 128 is an upper bound; "
+        "hours at the throughput above, others scaled by FLOPs)"
+    )
+    for note in plan["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def write_plan(plan: dict, path: Path) -> None:
+    from budgetkd.io import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json.loads(json.dumps(plan, default=str)))
