@@ -811,9 +811,7 @@ class Pretrainer:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             step = self.meter.steps
-            loss, _, _, _ = self.train_step(
-                step, learning_rate(self.lr, self.meter.fraction(self.budget), self.config.warmup)
-            )
+            loss, _, _, _ = self.train_step(step, self.learning_rate())
             self.apply_update(loss)
         with torch.no_grad():
             self.module.load_state_dict(weights)
