@@ -77,3 +77,18 @@ def test_score_averages_the_task_metrics():
     np.testing.assert_allclose(
         bootstrap.score(("pearson", "spearman"), weights, labels, predictions), expected
     )
+
+
+def test_the_rank_cache_changes_nothing():
+    rng = np.random.default_rng(4)
+    labels = np.round(rng.random(40) * 5, 1)
+    cache = bootstrap.RankCache()
+    for _ in range(3):  # blocks of weights; the cache must notice each new block
+        weights = bootstrap.resample_counts(rng, 40, 30)
+        for noise in (0.5, 2.0):
+            predictions = labels + rng.normal(0, noise, 40)
+            for name in ("pearson", "spearman"):
+                np.testing.assert_array_equal(
+                    bootstrap.METRICS[name](weights, labels, predictions, cache),
+                    bootstrap.METRICS[name](weights, labels, predictions),
+                )

@@ -416,7 +416,8 @@ def bootstrap_column(
 ) -> dict[str, np.ndarray]:
     """Task scores [samples] of every row on the same example resamples of one dev set.
 
-    ``rows``: label → [(labels, predictions)] per fine-tuning seed, all on the same examples.
+    ``rows``: label → [(labels, predictions)] per fine-tuning seed, all on the same examples
+    (the same labels: checked by the caller).
     Example resamples come from ``default_rng([seed, column_index])``; with S > 1 seeds a row's
     resample r averages S seeds drawn with replacement (``default_rng([seed, column_index,
     crc32(label)])``), each scored on resample r's examples.
@@ -424,13 +425,15 @@ def bootstrap_column(
     n = len(next(iter(rows.values()))[0][0])
     rng = np.random.default_rng([seed, column_index])
     per_seed = {label: np.empty((samples, len(runs))) for label, runs in rows.items()}
+    labels = next(iter(rows.values()))[0][0]  # the same dev labels for every row and seed
     step = bootstrap.block_size(n)
+    cache = bootstrap.RankCache()  # the sort of each array, the labels' ranks once per block
     for start in range(0, samples, step):
         stop = min(samples, start + step)
         weights = bootstrap.resample_counts(rng, n, stop - start)
         for label, runs in rows.items():
-            for s, (labels, predictions) in enumerate(runs):
-                per_seed[label][start:stop, s] = bootstrap.score(metrics, weights, labels, predictions)
+            for s, (_, predictions) in enumerate(runs):
+                per_seed[label][start:stop, s] = bootstrap.score(metrics, weights, labels, predictions, cache)
     result = {}
     for label, matrix in per_seed.items():
         if matrix.shape[1] == 1:
