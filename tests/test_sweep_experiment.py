@@ -202,7 +202,7 @@ def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
     [
         ({"budget.sweep": [1]}, "at least two points"),
         ({"budget.sweep": [0.5, 0.5]}, "distinct"),
-        ({"budget.sweep": [0.5, 2]}, "needs a second epoch"),
+        ({"budget.sweep": [0.5, 10]}, "needs a second epoch"),
         ({"budget.sweep": ["1h", "1e9flops"]}, "one currency"),
         ({"budget.schedule": "cosine"}, "linear or wsd"),
         ({"budget.decay_fraction": 0}, "decay fraction"),
@@ -214,3 +214,17 @@ def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
 def test_sweep_config_errors(changes, message):
     with pytest.raises(BudgetKDError, match=message):
         validate_experiment(sweep_config(**changes))
+
+
+def test_report_settings_in_the_config():
+    cfg = validate_experiment(
+        sweep_config(**{"report": {"avg_tasks": ["rte", "stsb"], "bootstrap_samples": 500}})
+    )
+    assert cfg["report"]["avg_tasks"] == ["rte", "stsb"] and cfg["report"]["bootstrap_samples"] == 500
+    for bad, message in (
+        ({"avg_tasks": ["wnli"]}, "report.avg_tasks"),
+        ({"bootstrap_samples": 5}, "at least"),
+        ({"bogus": 1}, "report.'bogus'"),
+    ):
+        with pytest.raises(BudgetKDError, match=message):
+            validate_experiment(sweep_config(report=bad))

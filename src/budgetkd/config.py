@@ -30,6 +30,7 @@ Schema (defaults in brackets)::
       sweep: [float, …] | [BUDGET, …]          [none] multiples of that budget, or budgets
       schedule: linear | wsd                    [linear] wsd: the sweep's points share a trunk
       decay_fraction: float                     [0.2]  wsd: decay over the last fraction
+    report: {avg_tasks: paper | all | [task, …] [paper], bootstrap_samples [2000], bootstrap_seed [0]}
     teacher_cost: inference | free | {amortized: {pretraining: BUDGET | auto, students: int}}
                                                 [inference] (SPEC §7a)
     data_setting: unlimited | limited           [unlimited]: a KD run never starts a 2nd epoch
@@ -118,6 +119,7 @@ TOP_KEYS = {
     "training",
     "glue",
     "teacher_cost",
+    "report",
 }
 
 
@@ -451,6 +453,7 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
                 "set data_setting: limited or keep the multiples ≤ 1"
             )
     cfg["teacher_cost"] = _teacher_cost(raw.get("teacher_cost", "inference"), cfg)
+    cfg["report"] = _report_settings(raw.get("report"))
     if setting == "unlimited" and "calibrate" in cfg["budget"] and cfg["budget"]["calibrate"]["epochs"] > 1:
         raise BudgetKDError(
             "config key 'budget.calibrate.epochs' > 1 repeats the data: set data_setting: limited"
@@ -588,3 +591,23 @@ def _teacher_cost(value: Any, cfg: dict) -> dict:
     if currency not in ("time", "flops"):
         raise BudgetKDError("config key 'teacher_cost': amortized needs a time or FLOPs budget")
     return {"mode": "amortized", "pretraining": pretraining, "students": students}
+
+
+def _report_settings(section: Any) -> dict:
+    """``report: {avg_tasks: paper | all | [task, …], bootstrap_samples: int, bootstrap_seed: int}``."""
+    from budgetkd.report import MIN_BOOTSTRAP_SAMPLES, parse_avg_tasks
+
+    block = _merge(
+        section, {"avg_tasks": "paper", "bootstrap_samples": None, "bootstrap_seed": None}, "report"
+    )
+    try:
+        parse_avg_tasks(block["avg_tasks"])
+    except BudgetKDError as exc:
+        raise BudgetKDError(f"config key 'report.avg_tasks': {exc}") from None
+    samples = _check(block["bootstrap_samples"], int, "report.bootstrap_samples", optional=True)
+    if samples is not None and samples < MIN_BOOTSTRAP_SAMPLES:
+        raise BudgetKDError(f"config key 'report.bootstrap_samples' must be at least {MIN_BOOTSTRAP_SAMPLES}")
+    seed = _check(block["bootstrap_seed"], int, "report.bootstrap_seed", optional=True)
+    if seed is not None and seed < 0:
+        raise BudgetKDError("config key 'report.bootstrap_seed' must be non-negative")
+    return block
