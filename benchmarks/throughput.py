@@ -11,6 +11,10 @@ hf       ``BertForMaskedLM`` (full-vocabulary head at every position) + ``DataCo
 none     budgetkd No-KD through the real code path (``budgetkd.train.pretrain`` with a steps budget).
 vanilla, tinybert, minilm, minilmv2
          budgetkd with ``--teacher``.
+minilm-full, minilmv2-full  (opt-in, ``--strategies``)
+         the same strategy with both forwards run to the last layer, as budgetkd did before its
+         forwards stopped at the deepest tensor the loss reads (issue 13 item 5), FLOPs counted
+         for that: the old figure beside the new one.
 
 Timing
 ------
@@ -27,6 +31,9 @@ kd_slowdown_measured  No-KD tokens/s ÷ this row's tokens/s (KD rows)
 kd_slowdown_flops     the same ratio predicted by budgetkd's analytic FLOPs: (student + teacher
                       FLOPs per step of this row) ÷ (FLOPs per step of the No-KD row)
 kd_ratio_error        kd_slowdown_measured / kd_slowdown_flops − 1
+speedup_vs_full       tokens_per_s / tokens_per_s of the row's ``-full`` row (minilm, minilmv2)
+speedup_full_flops    the same ratio predicted by the FLOPs: full row's FLOPs/step ÷ this row's
+speedup_error         speedup_vs_full / speedup_full_flops − 1
 model_flops_per_step  analytic FLOPs of one step (budgetkd's count; for hf the same conventions
                       with the dense head: 3 × (encoder + head at all B·L positions))
 achieved_flops_per_s  model_flops_per_step × steps / time
@@ -60,6 +67,31 @@ import torch
 
 KD_STRATEGIES = ("vanilla", "tinybert", "minilm", "minilmv2")
 ALL_ROWS = ("hf", "none", *KD_STRATEGIES)
+# the strategy with full forwards (the code before the forwards stopped where the loss stops
+# reading); opt-in rows, each measured right before its partner
+FULL_FORWARD_ROWS = {"minilm-full": "minilm", "minilmv2-full": "minilmv2"}
+ROW_ORDER = ("hf", "none", "vanilla", "tinybert", "minilm-full", "minilm", "minilmv2-full", "minilmv2")
+
+
+def is_kd_row(row: str) -> bool:
+    return row in KD_STRATEGIES or row in FULL_FORWARD_ROWS
+
+
+@contextlib.contextmanager
+def full_forwards():
+    """Both encoders run to their last layer whatever the loss reads, and ``step_flops`` counts
+    that — budgetkd's behaviour before issue 13 item 5 (the MLM heads still run only where their
+    logits are used, as before)."""
+    from budgetkd.models import Depth
+    from budgetkd.strategies.base import Strategy
+
+    saved = Strategy.student_depth, Strategy.teacher_depth
+    Strategy.student_depth = lambda self: Depth(self.student_shape.layers)
+    Strategy.teacher_depth = lambda self: Depth(self.teacher_shape.layers)
+    try:
+        yield
+    finally:
+        Strategy.student_depth, Strategy.teacher_depth = saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +303,10 @@ def _other_cores(before, after) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_budgetkd(args, strategy: str, device: torch.device, work: Path) -> dict:
+def run_budgetkd(args, row: str, device: torch.device, work: Path) -> dict:
     import budgetkd.train as train_mod
+
+    strategy = FULL_FORWARD_ROWS.get(row, row)
 
     marks: list[tuple] = []  # (meter values, /proc sample) at the start of every step, and at the end
 
@@ -284,8 +318,19 @@ def run_budgetkd(args, strategy: str, device: torch.device, work: Path) -> dict:
         """The real Pretrainer; notes the meter at the start of every step and at the first
         evaluation after a step (with num_evals=1, the final one, right after the last step)."""
 
+        warming_up = False
+
+        def warm_up(self):
+            # the uncharged warm-up is a training step of its own (run and undone): not marked
+            self.warming_up = True
+            try:
+                return super().warm_up()
+            finally:
+                self.warming_up = False
+
         def train_step(self, step, lr):
-            mark(self.meter)
+            if not self.warming_up:
+                mark(self.meter)
             return super().train_step(step, lr)
 
         def evaluate(self):
@@ -295,7 +340,7 @@ def run_budgetkd(args, strategy: str, device: torch.device, work: Path) -> dict:
 
     values = dict(
         data=str(args.data),
-        out=str(work / strategy),
+        out=str(work / row),
         student=args.student,
         strategy=strategy,
         budget=f"{args.warmup_steps + args.steps}steps",
@@ -312,7 +357,8 @@ def run_budgetkd(args, strategy: str, device: torch.device, work: Path) -> dict:
     )
     if strategy != "none":
         values["teacher"] = str(args.teacher)
-    summary = Probe(train_mod.TrainConfig(**values)).pretrain()
+    with full_forwards() if row in FULL_FORWARD_ROWS else contextlib.nullcontext():
+        summary = Probe(train_mod.TrainConfig(**values)).pretrain()
     consumed = summary["consumed"]
     assert len(marks) == consumed["steps"] + 1, "expected one mark per step and one at the end"
     records = []
@@ -328,7 +374,7 @@ def run_budgetkd(args, strategy: str, device: torch.device, work: Path) -> dict:
             }
         )
     return {
-        "row": strategy,
+        "row": row,
         "name": summary["display_name"],
         "records": records,
         "flops_teacher_share": consumed["flops_teacher_share"],
@@ -399,7 +445,12 @@ def finish(rows: dict[str, dict], peak: float) -> None:
         row["utilisation"] = row["achieved_flops_per_s"] / peak
         if hf is not None:
             row["speedup_vs_hf"] = row["tokens_per_s"] / hf["tokens_per_s"]
-        if none is not None and row["row"] in KD_STRATEGIES:
+        full = rows.get(f"{row['row']}-full")
+        if full is not None:
+            row["speedup_vs_full"] = row["tokens_per_s"] / full["tokens_per_s"]
+            row["speedup_full_flops"] = full["model_flops_per_step"] / row["model_flops_per_step"]
+            row["speedup_error"] = row["speedup_vs_full"] / row["speedup_full_flops"] - 1.0
+        if none is not None and is_kd_row(row["row"]):
             row["kd_slowdown_measured"] = none["tokens_per_s"] / row["tokens_per_s"]
             row["kd_slowdown_flops"] = row["model_flops_per_step"] / none["model_flops_per_step"]
             row["kd_ratio_error"] = row["kd_slowdown_measured"] / row["kd_slowdown_flops"] - 1.0
@@ -422,6 +473,8 @@ def format_table(rows: dict[str, dict], peak: float) -> str:
         ("FLOP pred", "kd_slowdown_flops", ".2f", 1, ""),
         ("error", "kd_ratio_error", "+.1f", 100, "%"),
         ("adj pred", "kd_slowdown_teacher_adjusted", ".2f", 1, ""),
+        ("vs full", "speedup_vs_full", ".3f", 1, ""),
+        ("full pred", "speedup_full_flops", ".3f", 1, ""),
         ("GFLOP/step", "model_flops_per_step", ".2f", 1e-9, ""),
         ("GFLOP/s", "achieved_flops_per_s", ".1f", 1e-9, ""),
         ("util", "utilisation", ".1f", 100, "%"),
@@ -432,7 +485,7 @@ def format_table(rows: dict[str, dict], peak: float) -> str:
         ("others", "other_cores_during", ".2f", 1, ""),
     ]
     widths = [max(len(c[0]) + 2, 9) for c in columns]
-    head = f"{'row':<10}" + "".join(f"{c[0]:>{w}}" for c, w in zip(columns, widths))
+    head = f"{'row':<14}" + "".join(f"{c[0]:>{w}}" for c, w in zip(columns, widths))
     lines = [head, "-" * len(head)]
     for row in rows.values():
         cells = []
@@ -440,7 +493,7 @@ def format_table(rows: dict[str, dict], peak: float) -> str:
             value = row.get(key)
             text = "-" if value is None else f"{value * scale:{fmt}}{suffix}"
             cells.append(f"{text:>{width}}")
-        lines.append(f"{row['row']:<10}" + "".join(cells))
+        lines.append(f"{row['row']:<14}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -459,8 +512,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--strategies",
         nargs="+",
         default=list(ALL_ROWS),
-        choices=ALL_ROWS,
-        help="rows to run (hf = the HF recipe, none = budgetkd No-KD)",
+        choices=ROW_ORDER,
+        help="rows to run (hf = the HF recipe, none = budgetkd No-KD, minilm-full / minilmv2-full = "
+        "those strategies with full forwards, as before issue 13)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="run all rows this many times; report medians")
     parser.add_argument(
@@ -507,7 +561,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the budgetkd run directories here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
-    if any(s in KD_STRATEGIES for s in args.strategies) and args.teacher is None:
+    if any(is_kd_row(s) for s in args.strategies) and args.teacher is None:
         parser.error("KD rows need --teacher")
     if args.steps <= 0 or args.warmup_steps < 0:
         parser.error("--steps must be positive and --warmup-steps non-negative")
@@ -521,7 +575,7 @@ def _dropout_label(dropout: float | None) -> str:
 def measure_rows(args, dropout: float | None, device: torch.device, base: Path) -> dict[str, dict]:
     """Every row (``--repeats`` times, interleaved) at one student dropout; per-row medians."""
     args = argparse.Namespace(**{**vars(args), "dropout": dropout})
-    order = [r for r in ALL_ROWS if r in args.strategies]
+    order = [r for r in ROW_ORDER if r in args.strategies]
     repeats: dict[str, list[dict]] = {r: [] for r in order}
     tag = f"dropout {_dropout_label(dropout)}"
     for repeat in range(args.repeats):
@@ -567,6 +621,17 @@ def checks(rows: dict[str, dict], min_speedup: float, kd_tolerance: float) -> li
             }
         )
     for name, row in rows.items():
+        if "speedup_error" in row:
+            value = row["speedup_error"]
+            out.append(
+                {
+                    "check": f"{name} speed-up over full forwards vs FLOPs",
+                    "unit": "relative error",
+                    "value": value,
+                    "limit": f"|error| <= {kd_tolerance:.0%}",
+                    "ok": abs(value) <= kd_tolerance,
+                }
+            )
         if "kd_ratio_error" in row:
             value = row["kd_ratio_error"]
             out.append(

@@ -342,7 +342,7 @@ def test_budget_needing_a_second_epoch_is_refused_before_training(
             )
         )
         if refused:
-            with pytest.raises(BudgetKDError, match="needs more than 1 epoch"):
+            with pytest.raises(BudgetKDError, match="needs more than the data limit of 1 epoch"):
                 trainer.setup()
         else:
             trainer.setup()
@@ -353,7 +353,7 @@ def test_refusal_is_one_line_and_exit_2_before_anything_is_written(tiny_data_dir
     argv = ["pretrain", "--data", str(tiny_data_dir), "--out", str(out), "--budget", "100steps"]
     rc = main([*argv, "--batch-size", "16", "--max-epochs", "1", "--no-progress"])
     captured = capfd.readouterr()
-    assert_one_line_error(rc, captured.out, captured.err, "needs more than 1 epoch")
+    assert_one_line_error(rc, captured.out, captured.err, "needs more than the data limit of 1 epoch")
     assert not (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
 
 
@@ -496,7 +496,7 @@ def test_negative_budget_is_refused_with_the_budgets_own_message(data_dir, tmp_p
         ]
     )
     captured = capfd.readouterr()
-    assert_one_line_error(rc, captured.out, captured.err, "'-3steps' is not positive")
+    assert_one_line_error(rc, captured.out, captured.err, "malformed budget '-3steps'")
 
 
 def test_encoder_only_teacher_loads_without_transformers_load_report(tmp_path, capfd):

@@ -71,6 +71,54 @@ def test_ratios_and_checks_from_hand_made_rows(bench):
     assert "PASS  none vs hf: 2.50x" in text and "FAIL  vanilla slowdown vs FLOPs: +66.7%" in text
 
 
+def test_full_forward_rows_put_the_speed_up_beside_its_flop_prediction(bench):
+    """minilm-full: 800 tok/s at 30 GFLOP/step; minilm: 1000 tok/s at 26 GFLOP/step → measured
+    speed-up 1.25, predicted 30/26 = 1.154, error +8.3 %."""
+    rows = {
+        "none": {
+            "row": "none",
+            "tokens_per_s": 2500.0,
+            "achieved_flops_per_s": 5e9,
+            "model_flops_per_step": 10e9,
+        },
+        "minilm-full": {
+            "row": "minilm-full",
+            "tokens_per_s": 800.0,
+            "achieved_flops_per_s": 6e9,
+            "model_flops_per_step": 30e9,
+        },
+        "minilm": {
+            "row": "minilm",
+            "tokens_per_s": 1000.0,
+            "achieved_flops_per_s": 6e9,
+            "model_flops_per_step": 26e9,
+        },
+    }
+    bench.finish(rows, peak=10e9)
+    assert rows["minilm"]["speedup_vs_full"] == pytest.approx(1.25)
+    assert rows["minilm"]["speedup_full_flops"] == pytest.approx(30 / 26)
+    assert rows["minilm"]["speedup_error"] == pytest.approx(1.25 / (30 / 26) - 1)
+    assert rows["minilm-full"]["kd_slowdown_flops"] == pytest.approx(3.0)  # a KD row of its own
+    results = {c["check"]: c for c in bench.checks(rows, min_speedup=2.0, kd_tolerance=0.15)}
+    assert results["minilm speed-up over full forwards vs FLOPs"]["ok"]
+    assert "vs full" in bench.format_table(rows, 10e9)
+
+
+def test_full_forwards_are_the_old_forwards_and_are_undone(bench):
+    from transformers import BertConfig
+
+    from budgetkd.models import Depth
+    from budgetkd.strategies import get_strategy
+
+    def config(layers, hidden):
+        return BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2)
+
+    strategy = get_strategy("minilm")({}, config(3, 8), config(4, 16))
+    with bench.full_forwards():
+        assert (strategy.student_depth(), strategy.teacher_depth()) == (Depth(3), Depth(4))
+    assert strategy.student_depth() == Depth(2, frozenset("qkv"))
+
+
 @pytest.mark.slow
 def test_the_script_runs_every_row_at_two_dropout_settings(bench, data_dir, teacher_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"

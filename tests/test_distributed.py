@@ -46,6 +46,8 @@ TIME_BUDGET = "2s"
 CLOCK_SKEW = 3.0  # rank 1's clock runs this much faster in the ``time`` run
 EXPECTED_RUN_FILES = {"run_config.json", "checkpoint.pt", "model", "summary.json", "tb"}
 STEPS_RUNS = {"steps-none": "none", "steps-minilm": "minilm"}
+DROPOUT = 0.1  # the ``dropout`` runs: per-rank dropout streams, checkpointed and resumed
+CRASH_STEP = 2
 
 
 def _run_config(data: Path, out: Path, **overrides) -> dict:
@@ -134,6 +136,41 @@ def _worker(data: Path, teacher: Path, work: Path) -> None:
     for name, strategy in STEPS_RUNS.items():
         config = train_mod.TrainConfig(**_steps_config(data, work / name, strategy, teacher, MICRO_DDP))
         record(name, train_mod.pretrain(config))
+
+    # With dropout: uninterrupted, and crashed after CRASH_STEP steps then resumed (issue 13 item 7).
+    import hashlib
+    import shutil
+
+    import torch
+
+    def dropout_config(out: Path):
+        values = _run_config(data, out, micro_batch_size=MICRO_DDP, dropout=DROPOUT, checkpoint_every_steps=1)
+        return train_mod.TrainConfig(**values)
+
+    record("dropout", train_mod.pretrain(dropout_config(work / "dropout")))
+    report["runs"]["dropout"]["rng"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+    original_step = train_mod.Pretrainer.train_step
+
+    class Crash(Exception):
+        pass
+
+    def crashing(self, step, lr):
+        if step == CRASH_STEP:
+            raise Crash
+        return original_step(self, step, lr)
+
+    train_mod.Pretrainer.train_step = crashing
+    try:
+        train_mod.pretrain(dropout_config(work / "dropout-resumed"))
+        raise AssertionError("the crash did not happen")
+    except Crash:
+        pass
+    finally:
+        train_mod.Pretrainer.train_step = original_step
+    if rank == 0:  # for the test's one-process resumption of a two-process checkpoint
+        shutil.copytree(work / "dropout-resumed", work / "dropout-crashed")
+    distributed.barrier()
+    record("dropout-resumed", train_mod.pretrain(dropout_config(work / "dropout-resumed"), resume=True))
 
     # The time-budget run through the real CLI, rank 1 with a clock running CLOCK_SKEW× fast.
     if rank == 1:
@@ -314,6 +351,61 @@ def test_time_budget_all_ranks_stop_on_the_same_step(ddp):
     assert rank0["tokens"] == rank1["tokens"] == summary["consumed"]["tokens"]
 
 
+def _scalars(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_every_rank_draws_its_own_dropout_and_the_checkpoint_keeps_every_ranks_rng(ddp):
+    import hashlib
+
+    import torch
+
+    from budgetkd.train import dropout_seed
+
+    state = torch.load(ddp["work"] / "dropout" / "checkpoint.pt", weights_only=True)
+    rng = state["rng"]
+    assert rng["world_size"] == 2 and len(rng["cpu"]) == 2
+    assert not torch.equal(rng["cpu"][0], rng["cpu"][1]), "both ranks drew the same dropout masks"
+    for r, report in enumerate(ddp["reports"]):  # each rank's own final state, in rank order
+        assert hashlib.sha256(rng["cpu"][r].numpy().tobytes()).hexdigest() == report["runs"]["dropout"]["rng"]
+    assert len({dropout_seed(0, 0), dropout_seed(0, 1), dropout_seed(1, 0)}) == 3
+
+
+def test_a_resumed_two_process_run_continues_every_ranks_dropout_stream(ddp):
+    rank0, rank1 = ddp["reports"]
+    for report in (rank0, rank1):
+        assert report["runs"]["dropout-resumed"]["steps"] == STEPS
+        # bit for bit the uninterrupted run: rank 1 continued rank 1's stream, not rank 0's
+        assert report["runs"]["dropout-resumed"]["fingerprint"] == report["runs"]["dropout"]["fingerprint"]
+
+
+def test_resuming_with_another_number_of_processes_re_derives_the_streams(ddp, capsys):
+    from budgetkd.train import TrainConfig, pretrain
+
+    run = ddp["work"] / "dropout-crashed"
+    values = json.loads((run / "run_config.json").read_text())
+    values = {k: v for k, v in values.items() if k not in ("resolved", "versions")}
+    values["out"] = str(run)
+    capsys.readouterr()
+    summary = pretrain(TrainConfig.from_dict(values), resume=True)
+    out = capsys.readouterr().out
+    assert "checkpointed with 2 process(es) and resumes with 1" in out
+    assert summary["consumed"]["steps"] == STEPS and summary["world_size"] == 1
+
+
+def test_logged_loss_components_are_summed_over_ranks_like_the_total(ddp):
+    """No-KD's one component is its loss: on every logged step the two must be equal (before,
+    each rank's component was its own share, ≈ 1/2 of the total on rank 0)."""
+    scalars = _scalars(ddp["work"] / "dropout")
+    assert len(scalars["train/loss"]) == STEPS
+    for (step, loss), (step_mlm, mlm) in zip(scalars["train/loss"], scalars["train/mlm"]):
+        assert step == step_mlm and mlm == pytest.approx(loss, rel=1e-6)
+
+
 def test_only_rank_zero_writes(ddp):
     rank0, rank1 = ddp["reports"]
     assert rank1["writes"] == [], f"rank 1 tried to write: {rank1['writes']}"
@@ -464,6 +556,8 @@ def test_helpers_are_no_ops_without_torchrun(monkeypatch):
     x = torch.tensor([1.0, 2.0], dtype=torch.float64)
     assert distributed.all_reduce_sum(x, torch.device("cpu")) is x
     assert distributed.broadcast_floats([1.5], torch.device("cpu")) == [1.5]
+    gathered = distributed.gather_tensors(x, torch.device("cpu"))
+    assert len(gathered) == 1 and torch.equal(gathered[0], x)
     with distributed.no_sync(module):
         pass
     distributed.barrier()

@@ -349,3 +349,20 @@ def test_a_killed_rank_s_job_is_redone_once(models, one_process, tmp_path):
     logs = "".join(p.read_text() for p in (out / "logs").iterdir())
     assert "taking over stale claim" in logs
     assert not list((out / "claims").glob("*/*.json"))
+
+
+def test_one_bar_counts_runs_and_estimates_from_measured_step_times(tmp_path):
+    jobs = [_FakeJob(tmp_path, name) for name in "abc"]
+    for job in jobs:
+        job.members, job.units = 2, 4  # 2 members x 2 steps each
+    bar = ledger.GridBar(jobs, world=2, enabled=True)
+    try:
+        bar.job_done(jobs[0])  # 1.0 s measured for 4 units: 0.25 s per member-step
+        assert bar.bar.n == 2 and bar.bar.total == 6
+        # 8 units left x 0.25 s / 2 ranks = 1 s
+        assert bar.bar.postfix == "ETA 00:00:01"
+        bar.in_flight = 4
+        bar.show()
+        assert bar.bar.postfix == "ETA 00:00:00"
+    finally:
+        bar.close()

@@ -279,6 +279,9 @@ def test_sigkill_with_a_time_budget_charges_every_second_once(data_dir, tmp_path
 
     # the resumed meter starts exactly where the checkpoint stopped: nothing lost, nothing twice
     assert loaded == [at_kill]
+    # the first call is the uncharged warm-up: the resumed step itself, run and undone
+    warm_up, *steps = steps
+    assert warm_up[0] == at_kill["steps"]
     assert [s for s, _, _ in steps] == list(range(at_kill["steps"], final["steps"]))
     assert final["time_s"] >= at_kill["time_s"]
     charged_after = final["time_s"] - at_kill["time_s"]

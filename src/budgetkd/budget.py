@@ -72,10 +72,6 @@ class Budget:
                 f"budget {text!r} has no unit; write e.g. 90s, 30m, 4h, 2.5e15flops, 3e6tokens, 500steps, 1epochs"
             )
         match = _BUDGET_RE.match(text)
-        if not match and _BUDGET_RE.match(text.strip().lstrip("+-")):
-            raise BudgetKDError(
-                f"budget {text!r} is not positive; a budget is a positive amount, e.g. 500steps"
-            )
         if not match:
             raise BudgetKDError(
                 f"malformed budget {text!r}; write a positive number with a unit: "

@@ -191,11 +191,13 @@ def build_train_config(args: argparse.Namespace):
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from budgetkd import distributed
+    from budgetkd.plan import check_pretrain
     from budgetkd.train import pretrain
 
     config = build_train_config(args)
     distributed.init_if_launched()
     try:
+        check_pretrain(config)  # configs and headers only: refused in seconds, before any weight load
         summary = pretrain(config, resume=args.resume)
     finally:
         distributed.destroy()

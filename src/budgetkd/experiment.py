@@ -652,36 +652,33 @@ class Experiment:
                 pending.append((label, stage, fp))
         if pending:
             from budgetkd.glue.pipeline import finish_glue, plan_glue, run_plans
-            from budgetkd.io import locked
 
-            plans = []
-            for label, stage, _ in pending:
-                run_dir = self.student_runs.get(label, self.out / "runs" / label)
-                self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
-                plans.append(
-                    plan_glue(
-                        run_dir / "model",
-                        self.out / "glue" / label,
-                        glue_dir=glue_cfg["dir"],
-                        hub=glue_cfg["dir"] is None,
-                        tasks=glue_cfg["tasks"],
-                        grid=glue_cfg["grid"],
-                        epochs=glue_cfg["epochs"],
-                        seeds=glue_cfg["seeds"],
-                        max_train_examples=glue_cfg["max_train_examples"],
-                        max_eval_examples=glue_cfg["max_eval_examples"],
-                        save_predictions=glue_cfg["save_predictions"],
-                        device=glue_cfg["device"],
-                        threads=glue_cfg["threads"],
-                        stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
-                        group_by_length=glue_cfg["group_by_length"],
-                        label=label,
+            with contextlib.ExitStack() as lock:
+                plans = []
+                for label, stage, _ in pending:
+                    run_dir = self.student_runs.get(label, self.out / "runs" / label)
+                    self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
+                    plans.append(
+                        plan_glue(
+                            run_dir / "model",
+                            self.out / "glue" / label,
+                            glue_dir=glue_cfg["dir"],
+                            hub=glue_cfg["dir"] is None,
+                            tasks=glue_cfg["tasks"],
+                            grid=glue_cfg["grid"],
+                            epochs=glue_cfg["epochs"],
+                            seeds=glue_cfg["seeds"],
+                            max_train_examples=glue_cfg["max_train_examples"],
+                            max_eval_examples=glue_cfg["max_eval_examples"],
+                            save_predictions=glue_cfg["save_predictions"],
+                            device=glue_cfg["device"],
+                            threads=glue_cfg["threads"],
+                            stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
+                            group_by_length=glue_cfg["group_by_length"],
+                            label=label,
+                            lock=lock if self.is_main else None,
+                        )
                     )
-                )
-            with contextlib.ExitStack() as stack:
-                if self.is_main:
-                    for plan in plans:
-                        stack.enter_context(locked(plan.out))
                 run_plans(plans, progress=self.progress)
                 if self.is_main:
                     for plan, (_, stage, fp) in zip(plans, pending):

@@ -139,9 +139,11 @@ class ModelInfo:
         return flops.EncoderShape(self.layers, self.hidden, self.heads, self.intermediate, self.vocab)
 
     def bert_config(self):
-        from transformers import BertConfig
+        """The attributes of a ``BertConfig`` that strategies read (a plain namespace: no
+        transformers import, which is not thread-safe while another thread imports it)."""
+        from types import SimpleNamespace
 
-        return BertConfig(
+        return SimpleNamespace(
             vocab_size=self.vocab,
             hidden_size=self.hidden,
             num_hidden_layers=self.layers,
@@ -421,7 +423,7 @@ def preflight(cfg: dict, out: Path, world_size: int, *, check_out: bool = True) 
     import torch
 
     from budgetkd.data.dataset import resolve_micro_batch
-    from budgetkd.models import resolve_architecture, student_config
+    from budgetkd.models import resolve_architecture
     from budgetkd.strategies import REGISTRY
 
     notes: list[str] = []
@@ -489,20 +491,8 @@ def preflight(cfg: dict, out: Path, world_size: int, *, check_out: bool = True) 
 
     arch = resolve_architecture(cfg["student"])
     student_vocab = vocab or (teacher.vocab if teacher else 30522)
-    s_config = student_config(arch, student_vocab, seq_len, {})
-    if seq_len > s_config.max_position_embeddings:
-        raise BudgetKDError(f"config key 'data.seq_len': {seq_len} exceeds the student's positions")
-    student = ModelInfo(
-        source=arch.name,
-        layers=arch.layers,
-        hidden=arch.hidden,
-        heads=arch.heads,
-        intermediate=arch.intermediate,
-        vocab=student_vocab,
-        max_positions=s_config.max_position_embeddings,
-        has_mlm_head=True,
-        origin="created",
-    )
+    student = _student_info(arch, student_vocab, seq_len)
+    s_config = student.bert_config()
     strategies = {}
     t_config = teacher.bert_config() if teacher is not None else None
     for index, entry in enumerate(cfg["strategies"]):
@@ -565,6 +555,21 @@ def _check_same_vocabulary(teacher_dir: Path, tokenizer: TokenizerInfo) -> None:
             return
 
 
+def _student_info(arch, vocab: int, seq_len: int) -> ModelInfo:
+    """The student budgetkd creates (``models.student_config``: positions max(512, seq_len))."""
+    return ModelInfo(
+        source=arch.name,
+        layers=arch.layers,
+        hidden=arch.hidden,
+        heads=arch.heads,
+        intermediate=arch.intermediate,
+        vocab=vocab,
+        max_positions=max(512, seq_len),
+        has_mlm_head=True,
+        origin="created",
+    )
+
+
 def check_pretrain(config) -> None:
     """The checks of :func:`preflight` for one ``budgetkd pretrain`` run (a :class:`TrainConfig`),
     before its data is opened or its teacher loaded: batch against world size, the strategy's
@@ -574,7 +579,7 @@ def check_pretrain(config) -> None:
     from budgetkd import distributed
     from budgetkd.data.dataset import resolve_micro_batch
     from budgetkd.io import read_json
-    from budgetkd.models import resolve_architecture, student_config
+    from budgetkd.models import resolve_architecture
     from budgetkd.strategies import get_strategy
 
     resolve_micro_batch(config.batch_size, distributed.world_size(), config.micro_batch_size)
@@ -584,7 +589,7 @@ def check_pretrain(config) -> None:
         return  # the trainer names the missing dataset
     meta = read_json(meta_path, "dataset metadata (meta.json)")
     arch = resolve_architecture(config.student)
-    s_config = student_config(arch, int(meta["vocab_size"]), int(meta["seq_len"]), {})
+    s_config = _student_info(arch, int(meta["vocab_size"]), int(meta["seq_len"])).bert_config()
     t_config = None
     if cls.needs_teacher and config.teacher:
         notes: list[str] = []

@@ -522,8 +522,9 @@ class Pretrainer:
         if currency == "epochs":
             if amount > cfg.max_epochs * (1 + 1e-12):
                 raise BudgetKDError(
-                    f"budget {self.budget} needs more than {cfg.max_epochs:g} epoch(s) of data; with unlimited data "
-                    "a run never repeats the corpus — lower the budget or use data_setting: limited"
+                    f"budget {self.budget} needs more than the data limit of {cfg.max_epochs:g} epoch(s) "
+                    "(max_epochs; data_setting: unlimited never repeats the corpus) — lower the budget or use "
+                    "data_setting: limited"
                 )
             return
         max_steps = math.floor(cfg.max_epochs * self.data.num_train / cfg.batch_size + 1e-9)
@@ -541,10 +542,10 @@ class Pretrainer:
             return
         if amount > capacity * (1 + 1e-9):
             raise BudgetKDError(
-                f"budget {self.budget} needs more than {cfg.max_epochs:g} epoch(s) of data "
+                f"budget {self.budget} needs more than the data limit of {cfg.max_epochs:g} epoch(s) "
                 f"({self.data.num_train} training sequences in batches of {cfg.batch_size}: at most "
-                f"{max_steps} steps, {_format_amount(capacity, currency)}); with unlimited data a run never "
-                "repeats the corpus — lower the budget or use data_setting: limited"
+                f"{max_steps} steps, {_format_amount(capacity, currency)}; data_setting: unlimited never repeats "
+                "the corpus) — lower the budget or use data_setting: limited"
             )
 
     # -- the schedule ---------------------------------------------------------------------------

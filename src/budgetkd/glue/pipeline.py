@@ -19,6 +19,7 @@ Outputs under ``out_dir`` (locked by rank 0 with :func:`budgetkd.io.locked` whil
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -383,8 +384,12 @@ def plan_glue(
     stack: bool | str | None = None,
     group_by_length: bool = False,
     label: str = "",
+    lock: contextlib.ExitStack | None = None,
 ) -> GluePlan:
-    """Check every input and read every task's files (before the first hour of training)."""
+    """Check every input and read every task's files (before the first hour of training).
+
+    With ``lock`` (rank 0), the output directory's lock is entered on it once the arguments are
+    checked, before anything reads the directory; it is held until the caller closes ``lock``."""
     task_list = parse_tasks(tasks)
     grid = parse_grid(grid)
     seed_list = parse_seeds(seeds)
@@ -407,6 +412,8 @@ def plan_glue(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BudgetKDError(f"--out {out} exists and is not a directory")
+    if lock is not None:
+        lock.enter_context(locked(out))
     model_fp = fingerprint_model_dir(model_path)
     check_same_model(out, model_fp)
     tokenizer = finetune.load_tokenizer(model_path)
@@ -557,28 +564,33 @@ def run_glue(
     STS-B (mean of Pearson and Spearman); MNLI's is the matched accuracy.
     """
     main = dist_utils.rank() == 0
-    plan = plan_glue(
-        model_dir,
-        out_dir,
-        glue_dir=glue_dir,
-        hub=hub,
-        tasks=tasks,
-        grid=grid,
-        epochs=epochs,
-        seeds=seeds,
-        max_train_examples=max_train_examples,
-        max_eval_examples=max_eval_examples,
-        save_predictions=save_predictions,
-        device=device,
-        threads=threads,
-        stack=stack,
-        group_by_length=group_by_length,
-    )
-    with locked(plan.out, enabled=main):
-        run_plans([plan], progress=progress)
-        if not main:
-            return None
-        return finish_glue(plan)
+    with contextlib.ExitStack() as lock:
+        return _run_one(
+            main,
+            lock,
+            model_dir,
+            out_dir,
+            glue_dir=glue_dir,
+            hub=hub,
+            tasks=tasks,
+            grid=grid,
+            epochs=epochs,
+            seeds=seeds,
+            max_train_examples=max_train_examples,
+            max_eval_examples=max_eval_examples,
+            save_predictions=save_predictions,
+            device=device,
+            threads=threads,
+            stack=stack,
+            group_by_length=group_by_length,
+            progress=progress,
+        )
+
+
+def _run_one(main: bool, lock: contextlib.ExitStack, model_dir, out_dir, *, progress: bool, **options):
+    plan = plan_glue(model_dir, out_dir, lock=lock if main else None, **options)
+    run_plans([plan], progress=progress)
+    return finish_glue(plan) if main else None
 
 
 def _write_predictions(out: Path, task: GlueTask, entry: dict, records: dict, seed: int) -> None:
