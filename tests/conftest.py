@@ -28,6 +28,7 @@ OUR_MODULES = {
     "test_strategies",
     "test_cli_errors",
     "test_benchmark",
+    "test_sweep",
 }
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -114,6 +114,9 @@ class Meter:
     flops_teacher: float = 0.0
     num_train_sequences: int = 1
     extra: dict = field(default_factory=dict)
+    # SPEC §7a teacher_cost: free → the teacher's forward passes are not charged to the budget
+    # (they are still recorded: time_teacher_s, flops_teacher)
+    charge_teacher: bool = True
 
     @property
     def flops(self) -> float:
@@ -124,9 +127,10 @@ class Meter:
         return self.sequences / max(1, self.num_train_sequences)
 
     def consumed(self, currency: str) -> float:
+        """The amount charged to the budget in ``currency``."""
         return {
-            "time": self.time_s,
-            "flops": self.flops,
+            "time": self.time_s if self.charge_teacher else self.time_s - self.time_teacher_s,
+            "flops": self.flops if self.charge_teacher else self.flops_student,
             "tokens": float(self.tokens),
             "steps": float(self.steps),
             "epochs": self.epochs,

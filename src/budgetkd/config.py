@@ -27,6 +27,12 @@ Schema (defaults in brackets)::
     budget:                                     exactly one of calibrate / explicit
       calibrate: {strategy: none, epochs: float [1], currency: time | flops [time]}
       explicit: BUDGET                          e.g. 4h, 2.5e15flops
+      sweep: [float, …] | [BUDGET, …]          [none] multiples of that budget, or budgets
+      schedule: linear | wsd                    [linear] wsd: the sweep's points share a trunk
+      decay_fraction: float                     [0.2]  wsd: decay over the last fraction
+    report: {avg_tasks: paper | all | [task, …] [paper], bootstrap_samples [2000], bootstrap_seed [0]}
+    teacher_cost: inference | free | {amortized: {pretraining: BUDGET | auto, students: int}}
+                                                [inference] (SPEC §7a)
     data_setting: unlimited | limited           [unlimited]: a KD run never starts a 2nd epoch
     optimizer:
       batch_size [1024] (global), micro_batch_size [null → 64] (the most one device holds; the
@@ -112,6 +118,8 @@ TOP_KEYS = {
     "optimizer",
     "training",
     "glue",
+    "teacher_cost",
+    "report",
 }
 
 
@@ -397,9 +405,12 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     # budget
     budget = raw.get("budget")
     _check(budget, dict, "budget")
-    unknown = set(budget) - {"calibrate", "explicit"}
+    unknown = set(budget) - {"calibrate", "explicit", "sweep", "schedule", "decay_fraction"}
     if unknown:
-        raise BudgetKDError(f"unknown config key budget.{sorted(unknown)[0]!r} (known: calibrate, explicit)")
+        raise BudgetKDError(
+            f"unknown config key budget.{sorted(unknown)[0]!r} "
+            "(known: calibrate, explicit, sweep, schedule, decay_fraction)"
+        )
     if ("calibrate" in budget) == ("explicit" in budget):
         raise BudgetKDError("config key 'budget' needs exactly one of 'calibrate' and 'explicit'")
     if "calibrate" in budget:
@@ -426,11 +437,23 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
         explicit = budget["explicit"]
         _budget(explicit, "budget.explicit")
         cfg["budget"] = {"explicit": str(explicit)}
+    cfg["budget"].update(_sweep_settings(budget))
 
     setting = raw.get("data_setting", "unlimited")
     if setting not in ("unlimited", "limited"):
         raise BudgetKDError(f"config key 'data_setting' must be unlimited or limited, got {setting!r}")
     cfg["data_setting"] = setting
+    sweep = cfg["budget"]["sweep"]
+    if setting == "unlimited" and sweep and sweep["kind"] == "multiples" and "calibrate" in cfg["budget"]:
+        widest = cfg["budget"]["calibrate"]["epochs"] * max(sweep["points"])
+        if widest > 1 + 1e-9:
+            raise BudgetKDError(
+                f"config key 'budget.sweep': the point {max(sweep['points']):g}× of "
+                f"{cfg['budget']['calibrate']['epochs']:g} No-KD epoch(s) needs a second epoch; "
+                "set data_setting: limited or keep the multiples ≤ 1"
+            )
+    cfg["teacher_cost"] = _teacher_cost(raw.get("teacher_cost", "inference"), cfg)
+    cfg["report"] = _report_settings(raw.get("report"))
     if setting == "unlimited" and "calibrate" in cfg["budget"] and cfg["budget"]["calibrate"]["epochs"] > 1:
         raise BudgetKDError(
             "config key 'budget.calibrate.epochs' > 1 repeats the data: set data_setting: limited"
@@ -492,3 +515,99 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
     parse_tasks(glue["tasks"])
     cfg["glue"] = glue
     return cfg
+
+
+def _sweep_settings(budget: dict) -> dict:
+    """``budget.sweep`` / ``schedule`` / ``decay_fraction`` (SPEC §7a), resolved.
+
+    ``sweep`` is None, or ``{"kind": "multiples", "points": [0.25, …]}`` (of the calibrated or
+    explicit budget), or ``{"kind": "budgets", "points": ["1h", …]}`` (one currency).
+    """
+    from budgetkd.sweep import check_decay_fraction
+
+    schedule = budget.get("schedule", "linear")
+    if schedule not in ("linear", "wsd"):
+        raise BudgetKDError(f"config key 'budget.schedule' must be linear or wsd, got {schedule!r}")
+    fraction = _check(budget.get("decay_fraction", 0.2), float, "budget.decay_fraction")
+    try:
+        check_decay_fraction(fraction)
+    except BudgetKDError as exc:
+        raise BudgetKDError(f"config key 'budget.decay_fraction': {exc}") from None
+    points = budget.get("sweep")
+    sweep = None
+    if points is not None:
+        _check(points, list, "budget.sweep")
+        if len(points) < 2:
+            raise BudgetKDError("config key 'budget.sweep' needs at least two points")
+        if all(isinstance(p, _NUMBER) and not isinstance(p, bool) for p in points):
+            if any(not p > 0 for p in points):
+                raise BudgetKDError("config key 'budget.sweep': multiples must be positive")
+            values = sorted(float(p) for p in points)
+            sweep = {"kind": "multiples", "points": values}
+        else:
+            parsed = [_budget(p, f"budget.sweep[{i}]") for i, p in enumerate(points)]
+            if len({b.currency for b in parsed}) > 1:
+                raise BudgetKDError("config key 'budget.sweep': every budget must be in one currency")
+            values = [str(b) for b in sorted(parsed, key=lambda b: b.amount)]
+            sweep = {"kind": "budgets", "points": values}
+        if len(set(sweep["points"])) != len(sweep["points"]):
+            raise BudgetKDError("config key 'budget.sweep': the points must be distinct")
+    return {"sweep": sweep, "schedule": schedule, "decay_fraction": float(fraction)}
+
+
+def _teacher_cost(value: Any, cfg: dict) -> dict:
+    """``teacher_cost`` (SPEC §7a) as ``{"mode": …}`` plus, for amortized, pretraining and students."""
+    if value in ("inference", "free"):
+        return {"mode": value}
+    if not (isinstance(value, dict) and set(value) == {"amortized"}):
+        raise BudgetKDError(
+            f"config key 'teacher_cost' must be inference, free or {{amortized: {{pretraining, students}}}}, "
+            f"got {value!r}"
+        )
+    block = _merge(value["amortized"], {"pretraining": "auto", "students": None}, "teacher_cost.amortized")
+    students = block["students"]
+    if not isinstance(students, int) or isinstance(students, bool) or students < 1:
+        raise BudgetKDError("config key 'teacher_cost.amortized.students' must be a positive integer")
+    pretraining = block["pretraining"]
+    if pretraining == "auto":
+        if "pretrain" not in (cfg.get("teacher") or {}):
+            raise BudgetKDError(
+                "config key 'teacher_cost.amortized.pretraining': auto needs a teacher pretrained by "
+                "budgetkd (teacher.pretrain); give the cost of a given teacher as a time or FLOPs budget"
+            )
+    else:
+        parsed = _budget(pretraining, "teacher_cost.amortized.pretraining")
+        if parsed.currency not in ("time", "flops"):
+            raise BudgetKDError(
+                "config key 'teacher_cost.amortized.pretraining' must be a time or FLOPs amount"
+            )
+        pretraining = str(parsed)
+    budget = cfg["budget"]
+    currency = (
+        budget["calibrate"]["currency"]
+        if "calibrate" in budget
+        else Budget.parse(budget["explicit"]).currency
+    )
+    if currency not in ("time", "flops"):
+        raise BudgetKDError("config key 'teacher_cost': amortized needs a time or FLOPs budget")
+    return {"mode": "amortized", "pretraining": pretraining, "students": students}
+
+
+def _report_settings(section: Any) -> dict:
+    """``report: {avg_tasks: paper | all | [task, …], bootstrap_samples: int, bootstrap_seed: int}``."""
+    from budgetkd.report import MIN_BOOTSTRAP_SAMPLES, parse_avg_tasks
+
+    block = _merge(
+        section, {"avg_tasks": "paper", "bootstrap_samples": None, "bootstrap_seed": None}, "report"
+    )
+    try:
+        parse_avg_tasks(block["avg_tasks"])
+    except BudgetKDError as exc:
+        raise BudgetKDError(f"config key 'report.avg_tasks': {exc}") from None
+    samples = _check(block["bootstrap_samples"], int, "report.bootstrap_samples", optional=True)
+    if samples is not None and samples < MIN_BOOTSTRAP_SAMPLES:
+        raise BudgetKDError(f"config key 'report.bootstrap_samples' must be at least {MIN_BOOTSTRAP_SAMPLES}")
+    seed = _check(block["bootstrap_seed"], int, "report.bootstrap_seed", optional=True)
+    if seed is not None and seed < 0:
+        raise BudgetKDError("config key 'report.bootstrap_seed' must be non-negative")
+    return block

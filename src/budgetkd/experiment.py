@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from budgetkd import distributed as dist_utils
+from budgetkd.budget import Budget
 from budgetkd.config import load_experiment
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import DirectoryLock, atomic_write_json, read_json, sha256_json
@@ -129,13 +130,16 @@ class Experiment:
         self.started = time.time()
         self.forced = set(force or [])
         self.labels = [s["label"] for s in cfg["strategies"]]
+        self.student_ids = list(self.labels)
+        self.student_runs: dict[str, Path] = {}
+        sweep_ids = self._sweep_ids()
         # a dataset prepared once (data.prepared) is used in place; otherwise DIR/data
         prepared = cfg["data"].get("prepared")
         self.data_dir = Path(prepared) if prepared else out / "data"
         valid = (
             {"data", "teacher", "calibrate", "report"}
-            | {f"pretrain:{x}" for x in self.labels}
-            | {f"glue:{x}" for x in self.labels}
+            | {f"pretrain:{x}" for x in self.labels + sweep_ids}
+            | {f"glue:{x}" for x in self.labels + sweep_ids}
         )
         for stage in self.forced:
             if stage not in valid and stage not in ("pretrain", "glue", "all"):
@@ -168,6 +172,16 @@ class Experiment:
             forced |= {f"glue:{x}" for x in self.labels}
         if "calibrate" in forced:
             forced |= {f"pretrain:{x}" for x in self.labels} | {f"glue:{x}" for x in self.labels}
+        # a sweep: a strategy's label stands for all its points; with wsd the points of one
+        # strategy share a trunk, so redoing one point redoes them all
+        wsd = self.cfg["budget"].get("schedule") == "wsd"
+        for sid in self._sweep_ids():
+            label = sid.split("@")[0]
+            points_forced = wsd and any(f.startswith(f"pretrain:{label}@") for f in forced)
+            if f"pretrain:{label}" in forced or points_forced:
+                forced |= {f"pretrain:{sid}", f"glue:{sid}"}
+            if f"pretrain:{sid}" in forced or f"glue:{label}" in forced:
+                forced.add(f"glue:{sid}")
         self.forced = forced
 
     # -- helpers --------------------------------------------------------------------------------
@@ -175,7 +189,9 @@ class Experiment:
         if self.is_main:
             print(f"[compare] {message}", flush=True)
 
-    def _train_config(self, *, strategy: dict, budget: str, out: Path, teacher: str | None, max_epochs):
+    def _train_config(
+        self, *, strategy: dict, budget: str, out: Path, teacher: str | None, max_epochs, **extra
+    ):
         from budgetkd.strategies import REGISTRY
         from budgetkd.train import TrainConfig
 
@@ -209,7 +225,151 @@ class Experiment:
             on_nonfinite=training["on_nonfinite"],
             device=training["device"],
             progress=self.progress,
+            **extra,
         )
+
+    # -- sweeps and the teacher's cost (SPEC §7a) -------------------------------------------------
+    def _sweep_points(self, base: Budget | None) -> list[tuple[str, Budget]]:
+        """(tag, budget) of every sweep point, smallest first; tags are known from the config alone."""
+        sweep = self.cfg["budget"]["sweep"]
+        if sweep["kind"] == "budgets":
+            return [(text, Budget.parse(text)) for text in sweep["points"]]
+        points = []
+        for multiple in sweep["points"]:
+            tag = f"x{multiple:g}"
+            if base is None:
+                points.append((tag, None))
+                continue
+            amount = base.amount * multiple
+            if base.currency == "steps":
+                amount = float(max(1, round(amount)))
+            points.append((tag, Budget(base.currency, amount)))
+        return points
+
+    def _sweep_ids(self) -> list[str]:
+        if not self.cfg["budget"].get("sweep"):
+            return []
+        tags = [tag for tag, _ in self._sweep_points(None)]
+        return [f"{label}@{tag}" for label in self.labels for tag in tags]
+
+    def _teacher_charge(self, book: StageBook) -> dict:
+        """What each KD student pays for the teacher beyond its steps; written to teacher_cost.json."""
+        from budgetkd.sweep import teacher_charge
+
+        spec = self.cfg["teacher_cost"]
+        pretraining = None
+        if spec["mode"] == "amortized":
+            if spec["pretraining"] == "auto":
+                consumed = read_json(self.out / "teacher" / "summary.json", "teacher run summary")["consumed"]
+                pretraining = {"time_s": consumed["time_s"], "flops": consumed["flops"], "source": "auto"}
+            else:
+                given = Budget.parse(spec["pretraining"])
+                pretraining = {{"time": "time_s", "flops": "flops"}[given.currency]: given.amount}
+        charge = teacher_charge(spec["mode"], pretraining=pretraining, students=spec.get("students"))
+        charge["pretraining"] = pretraining
+        if self.is_main:
+            atomic_write_json(self.out / "teacher_cost.json", charge)
+        return charge
+
+    def _write_sweep_record(self, students: list[dict], charge: dict) -> None:
+        """``DIR/sweep.json``: every point of every strategy, for the sweep report."""
+        record = {
+            "schedule": self.cfg["budget"]["schedule"],
+            "decay_fraction": self.cfg["budget"]["decay_fraction"],
+            "currency": Budget.parse(students[0]["budget"]).currency,
+            "teacher_cost": charge,
+            "points": [tag for tag, _ in self._sweep_points(None)],
+            "students": {
+                e["id"]: {
+                    "label": e["strategy"]["label"],
+                    "strategy": e["strategy"]["name"],
+                    "tag": e["id"].split("@", 1)[1],
+                    "budget": e["budget"],
+                    "amount": Budget.parse(e["budget"]).amount,
+                    "point_amount": e["point"],
+                    "run": str(e["run"]),
+                    "schedule": {k: v for k, v in e["schedule"].items() if k != "snapshots"},
+                }
+                for e in students
+            },
+        }
+        atomic_write_json(self.out / "sweep.json", record)
+
+    def _charged_budget(self, budget: Budget, kd: bool, charge: dict) -> Budget:
+        from budgetkd.sweep import kd_budget_amount
+
+        if not kd or charge["mode"] != "amortized":
+            return budget
+        return Budget(budget.currency, kd_budget_amount(budget.amount, budget.currency, charge))
+
+    def _students(self, budget: str, calibration_label: str | None, charge: dict) -> list[dict]:
+        """Every pretraining run still to do after calibration: one per strategy, or in a sweep one per
+        strategy and point. With ``schedule: wsd`` a strategy's largest point is its trunk (it keeps
+        snapshots where the smaller points branch off) and the other points continue a snapshot."""
+        from budgetkd.strategies import REGISTRY
+        from budgetkd.sweep import branch_amount, check_sweep_points
+
+        cfg = self.cfg
+        base = Budget.parse(budget)
+        schedule, fraction = cfg["budget"]["schedule"], cfg["budget"]["decay_fraction"]
+        runs = self.out / "runs"
+        entries: list[dict] = []
+
+        def entry(strategy, sid, point_budget, schedule_options, reuse=None, point=None):
+            return {
+                "id": sid,
+                "strategy": strategy,
+                "point": (point or point_budget).amount,
+                "budget": _budget_text(point_budget),
+                "run": runs / (reuse or sid),
+                "schedule": schedule_options,
+                "reuse": reuse,
+            }
+
+        if not cfg["budget"]["sweep"]:
+            for strategy in cfg["strategies"]:
+                if strategy["label"] == calibration_label:
+                    continue
+                kd = REGISTRY[strategy["name"]].needs_teacher
+                options = {"schedule": schedule, "decay_fraction": fraction} if schedule == "wsd" else {}
+                entries.append(
+                    entry(strategy, strategy["label"], self._charged_budget(base, kd, charge), options)
+                )
+            return entries
+        points = self._sweep_points(base)
+        for strategy in cfg["strategies"]:
+            label = strategy["label"]
+            kd = REGISTRY[strategy["name"]].needs_teacher
+            charged = [(tag, self._charged_budget(b, kd, charge)) for tag, b in points]
+            nominal = dict(points)
+            if schedule == "linear":
+                for tag, point in charged:
+                    # the calibration run is this strategy at exactly 1× the budget: reuse it
+                    reuse = label if label == calibration_label and tag == "x1" else None
+                    entries.append(entry(strategy, f"{label}@{tag}", point, {}, reuse, nominal[tag]))
+                continue
+            amounts = [b.amount for _, b in charged]
+            warmup = cfg["optimizer"]["warmup"] * amounts[0]  # one warm-up for all points: the smallest's
+            check_sweep_points(amounts, warmup, fraction)
+            wsd = {"schedule": "wsd", "schedule_warmup": warmup, "decay_fraction": fraction}
+            trunk_tag, trunk_budget = charged[-1]
+            trunk_id = f"{label}@{trunk_tag}"
+            snapshots = [branch_amount(a, fraction) for a in amounts[:-1]]
+            entries.append(
+                entry(
+                    strategy,
+                    trunk_id,
+                    trunk_budget,
+                    {**wsd, "snapshots": snapshots},
+                    None,
+                    nominal[trunk_tag],
+                )
+            )
+            for (tag, point), at in zip(charged[:-1], snapshots):
+                start = snapshot_path(runs / trunk_id, at)
+                options = {**wsd, "init_from": str(start)}
+                entries.append(entry(strategy, f"{label}@{tag}", point, options, None, nominal[tag]))
+        return entries
 
     def _pretrain(self, config, stage: str) -> dict:
         """Run or resume one pretraining run directory; a finished one is read back."""
@@ -429,17 +589,25 @@ class Experiment:
             budget = budget_cfg["explicit"]
             fp_budget = sha256_json({"explicit": budget})
 
-        # pretraining of every other strategy -----------------------------------------------------
-        for strategy in cfg["strategies"]:
-            label = strategy["label"]
-            if label == calibration_label:
+        # pretraining of every other strategy (and, in a sweep, every strategy at every point) --
+        charge = self._teacher_charge(book)
+        students = self._students(budget, calibration_label, charge)
+        for entry in students:
+            if entry["reuse"]:
+                summaries[entry["id"]] = summaries[entry["reuse"]]
                 continue
+            strategy, label = entry["strategy"], entry["id"]
+            from budgetkd.strategies import REGISTRY
+
+            kd = REGISTRY[strategy["name"]].needs_teacher
             config = self._train_config(
                 strategy=strategy,
-                budget=budget,
-                out=self.out / "runs" / label,
+                budget=entry["budget"],
+                out=entry["run"],
                 teacher=teacher_path,
                 max_epochs=max_epochs,
+                **entry["schedule"],
+                charge_teacher=not kd or charge["charge_forward"],
             )
             stage = f"pretrain:{label}"
             fp = sha256_json(
@@ -447,12 +615,16 @@ class Experiment:
             )
             result = book.done(stage, fp, self.forced)
             if result is None:
-                self._say(f"stage {stage}: {strategy['name']} for {budget}")
+                self._say(f"stage {stage}: {strategy['name']} for {entry['budget']}")
                 summary = self._pretrain(config, stage)
-                result = {"run": str(self.out / "runs" / label)}
+                result = {"run": str(entry["run"])}
                 if self.is_main:
                     book.finish(stage, fp, result)
             summaries[label] = read_json(Path(result["run"]) / "summary.json", "run summary")
+        self.student_runs = {e["id"]: Path(e["run"]) for e in students}
+        if cfg["budget"].get("sweep") and self.is_main:
+            self._write_sweep_record(students, charge)
+        self.student_ids = [e["id"] for e in students] if cfg["budget"].get("sweep") else self.labels
 
         fairness = self._check_fairness(summaries)
 
@@ -470,7 +642,7 @@ class Experiment:
             k: v for k, v in glue_cfg.items() if k not in _GLUE_LATER_KEYS or v != _GLUE_LATER_KEYS[k]
         }
         pending = []
-        for label in self.labels:
+        for label in self.student_ids:
             stage = f"glue:{label}"
             summary = summaries[label]
             fp = sha256_json(
@@ -484,10 +656,11 @@ class Experiment:
             with contextlib.ExitStack() as lock:
                 plans = []
                 for label, stage, _ in pending:
-                    self._say(f"stage {stage}: fine-tuning {self.out / 'runs' / label / 'model'}")
+                    run_dir = self.student_runs.get(label, self.out / "runs" / label)
+                    self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
                     plans.append(
                         plan_glue(
-                            self.out / "runs" / label / "model",
+                            run_dir / "model",
                             self.out / "glue" / label,
                             glue_dir=glue_cfg["dir"],
                             hub=glue_cfg["dir"] is None,
@@ -520,10 +693,15 @@ class Experiment:
 
         self._say("stage report: writing tables and plots")
         atomic_write_json(self.out / "experiment.json", cfg)
-        paths = write_report(self.out)
+        if cfg["budget"].get("sweep"):
+            from budgetkd.sweep_report import write_sweep_report
+
+            paths = write_sweep_report(self.out)
+        else:
+            paths = write_report(self.out)
         book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
         atomic_write_json(self.out / "fairness.json", fairness)
-        self._say(f"done: {self.out / 'table.md'}")
+        self._say(f"done: {self.out / ('sweep.md' if cfg['budget'].get('sweep') else 'table.md')}")
         return {"fairness": fairness, "report": [str(p) for p in paths]}
 
     # -- the teacher's MLM head ------------------------------------------------------------------
@@ -619,6 +797,20 @@ class Experiment:
         if self.is_main:
             atomic_write_json(self.out / "fairness.json", checks)
         return checks
+
+
+def _budget_text(budget: Budget) -> str:
+    """A budget as text without rounding (``repr`` of the amount): ``1234.5678s``, ``3e+16flops``."""
+    unit = {"time": "s"}.get(budget.currency, budget.currency)
+    amount = int(budget.amount) if budget.currency == "steps" else budget.amount
+    return f"{amount!r}{unit}"
+
+
+def snapshot_path(run_dir: Path, amount: float) -> Path:
+    """Where a wsd trunk keeps its state at ``amount`` (the same rule as ``Pretrainer.snapshot_path``)."""
+    from budgetkd.train import snapshot_file
+
+    return run_dir / snapshot_file(amount)
 
 
 def compare(

@@ -779,7 +779,8 @@ def build_plan(
         currency, amount = parsed.currency, parsed.amount
         budget_text = f"explicit: {budget_cfg['explicit']}"
 
-    max_epochs_kd = 1.0 if cfg["data_setting"] == "unlimited" else None
+    # SPEC §1: in the unlimited setting every strategy stops at the end of its first epoch
+    max_epochs = 1.0 if cfg["data_setting"] == "unlimited" else None
     for label in labels:
         if label == cal_label or label not in per_seq:
             continue
@@ -789,11 +790,10 @@ def build_plan(
         if (
             sequences is not None
             and n_train is not None
-            and REGISTRY[by_label[label]["name"]].needs_teacher
-            and max_epochs_kd is not None
-            and sequences > max_epochs_kd * n_train
+            and max_epochs is not None
+            and sequences > max_epochs * n_train
         ):
-            sequences, capped = math.floor(max_epochs_kd * n_train / batch) * batch, True
+            sequences, capped = math.floor(max_epochs * n_train / batch) * batch, True
         consumption[label] = {
             "sequences": sequences,
             "seconds": seconds(label, sequences) if currency != "time" or capped else amount,
@@ -828,6 +828,13 @@ def build_plan(
             }
         )
 
+    sweep_summary = None
+    students = labels
+    if budget_cfg.get("sweep"):
+        stages, students, sweep_summary = _sweep_stages(
+            cfg, stages, consumption, per_seq, rates, currency, amount, out, world, n_train, cal_label
+        )
+
     # GLUE -------------------------------------------------------------------------------------
     glue_cfg = cfg["glue"]
     grid = parse_grid(glue_cfg["grid"]).configurations()
@@ -856,7 +863,7 @@ def build_plan(
                     {"task": task, "lr": lr, "batch_size": bs, "seed": seed, "train_examples": n_train_glue,
                      "dev_examples": n_dev, "sizes_from": where, "steps": steps, "flops": job_flops}
                 )  # fmt: skip
-    for label in labels:
+    for label in students:
         stages.append(
             {
                 "stage": f"glue:{label}",
@@ -893,11 +900,90 @@ def build_plan(
         "throughput": {"source": rate_source, "tokens_per_s": rates},
         "stages": stages,
         "glue_jobs": glue_jobs,
+        "sweep": sweep_summary,
         "total": {"flops": total_flops, "device_hours": total_hours, "flops_complete": all(
             s.get("flops") is not None for s in stages
         )},
         "notes": resolved.notes,
     }  # fmt: skip
+
+
+def _sweep_stages(cfg, stages, consumption, per_seq, rates, currency, amount, out, world, n_train, cal_label):
+    """A sweep's pretraining stages (SPEC §7a): every strategy at every point. With ``schedule:
+    wsd`` a strategy's largest point is its trunk and pays its whole budget; every other point pays
+    only its decay, the last ``decay_fraction`` of its budget (its prefix is the trunk's)."""
+    from budgetkd.budget import Budget
+    from budgetkd.sweep import wsd_cost
+
+    budget_cfg = cfg["budget"]
+    sweep, schedule, fraction = budget_cfg["sweep"], budget_cfg["schedule"], budget_cfg["decay_fraction"]
+    if sweep["kind"] == "budgets":
+        points = [(text, Budget.parse(text).amount) for text in sweep["points"]]
+        currency = Budget.parse(sweep["points"][0]).currency
+    else:
+        points = [(f"x{m:g}", None if amount is None else amount * m) for m in sweep["points"]]
+    kept = [s for s in stages if not s["stage"].startswith("pretrain:")]
+    tokens_per_seq = cfg["data"]["seq_len"] - 1
+    batch = cfg["optimizer"]["batch_size"]
+    ids = []
+    for strategy in cfg["strategies"]:
+        label = strategy["label"]
+        if label not in per_seq:
+            continue
+        fps = sum(per_seq[label])
+        for i, (tag, point) in enumerate(points):
+            sid = f"{label}@{tag}"
+            ids.append(sid)
+            sequences = _sequences_for(currency, point, fps, rates.get(label), tokens_per_seq, batch, n_train)
+            trunk = i == len(points) - 1
+            paid = 1.0 if schedule == "linear" or trunk else fraction  # the share this stage trains itself
+            if schedule == "linear" and label == cal_label and tag == "x1":
+                paid = 0.0  # the calibration run is this point
+            seconds = (
+                None
+                if sequences is None or rates.get(label) is None
+                else sequences * tokens_per_seq / rates[label]
+            )
+            kept.append(
+                {
+                    "stage": f"pretrain:{sid}",
+                    "dir": str(out / "runs" / sid),
+                    "strategy": strategy["name"],
+                    "budget": f"{tag}"
+                    + (
+                        " (wsd trunk)"
+                        if schedule == "wsd" and trunk
+                        else " (wsd branch: decay only)"
+                        if schedule == "wsd"
+                        else ""
+                    )
+                    + (" = the calibration run" if paid == 0.0 else ""),
+                    "steps": None if sequences is None else math.ceil(sequences / batch),
+                    "tokens": None if sequences is None else sequences * tokens_per_seq,
+                    "flops_per_sequence": fps,
+                    "teacher_share": None if fps == 0 else per_seq[label][1] / fps,
+                    "flops": None if sequences is None else paid * sequences * fps,
+                    "tokens_per_s": rates.get(label),
+                    "device_hours": None if seconds is None else paid * seconds * world / 3600.0,
+                    "wall_hours": None if seconds is None else paid * seconds / 3600.0,
+                    "stops_at_data_limit": False,
+                    "what": "",
+                }
+            )
+    known = [p for _, p in points if p is not None]
+    summary = {
+        "schedule": schedule,
+        "decay_fraction": fraction,
+        "points": [tag for tag, _ in points],
+        "currency": currency,
+        "students": len(ids),
+        # what each strategy's sweep charges, against training every point separately
+        "cost_vs_largest": None if len(known) < len(points) else (
+            wsd_cost(known, fraction) if schedule == "wsd" else sum(known)
+        ) / max(known),
+        "separate_runs_vs_largest": None if len(known) < len(points) else sum(known) / max(known),
+    }  # fmt: skip
+    return kept, ids, summary
 
 
 def _sequences_for(currency, amount, fps, rate, tokens_per_seq, batch, n_train) -> float | None:
@@ -1034,6 +1120,20 @@ def render_plan(plan: dict) -> str:
         lines.append(f"    {st['stage']:<18} {st['dir']}")
         lines.append(f"    {'':<18} {detail}")
         lines.append(f"    {'':<18} cost: {cost}")
+    sweep = plan.get("sweep")
+    if sweep:
+        ratio = sweep["cost_vs_largest"]
+        lines.append(
+            f"  sweep: {len(sweep['points'])} points ({', '.join(sweep['points'])}), schedule {sweep['schedule']}"
+            + (f" (decay over the last {sweep['decay_fraction']:g})" if sweep["schedule"] == "wsd" else "")
+            + f", {sweep['students']} students"
+            + (
+                f"; each strategy's sweep costs {ratio:.2f}× its largest point "
+                f"(separate runs: {sweep['separate_runs_vs_largest']:.2f}×)"
+                if ratio is not None
+                else ""
+            )
+        )
     total = plan["total"]
     lines.append(
         f"  total: {_num(total['flops'])} FLOPs{'' if total['flops_complete'] else ' (of the stages estimated)'}, "

@@ -312,6 +312,26 @@ def _read_glue(path: Path) -> tuple[dict[str, list[float]], dict[str, dict]]:
     return scores, tasks
 
 
+def collect_row(label: str, name: str, run_dir: Path, glue_path: Path) -> dict:
+    """One row of the table: a student's run directory and its GLUE results (either may be absent)."""
+    summary_path = run_dir / "summary.json"
+    summary = _read_summary(summary_path) if summary_path.exists() else None
+    scores, glue_tasks = _read_glue(glue_path) if glue_path.exists() else ({}, {})
+    display = summary.get("display_name", label) if summary else label
+    if summary and label != name:
+        display = f"{display} ({label})"
+    return {
+        "label": label,
+        "strategy": name,
+        "display": display,
+        "summary": summary,
+        "scores": scores,
+        "glue_dir": glue_path.parent,
+        "glue_tasks": glue_tasks,
+        "mlm_head_trained": mlm_head_trained(name, summary, _strategy_options(run_dir)),
+    }
+
+
 def collect(out: Path) -> dict:
     """Gather the rows of a compare directory into plain data (also used by the tests)."""
     experiment_path = out / "experiment.json"
@@ -327,28 +347,10 @@ def collect(out: Path) -> dict:
             (label, _read_summary(out / "runs" / label / "summary.json").get("strategy", label))
             for label in runs
         ]
-    rows = []
-    for label, name in entries:
-        run_dir = out / "runs" / label
-        summary_path = run_dir / "summary.json"
-        summary = _read_summary(summary_path) if summary_path.exists() else None
-        glue_path = out / "glue" / label / "glue.json"
-        scores, glue_tasks = _read_glue(glue_path) if glue_path.exists() else ({}, {})
-        display = summary.get("display_name", label) if summary else label
-        if summary and label != name:
-            display = f"{display} ({label})"
-        rows.append(
-            {
-                "label": label,
-                "strategy": name,
-                "display": display,
-                "summary": summary,
-                "scores": scores,
-                "glue_dir": glue_path.parent,
-                "glue_tasks": glue_tasks,
-                "mlm_head_trained": mlm_head_trained(name, summary, _strategy_options(run_dir)),
-            }
-        )
+    rows = [
+        collect_row(label, name, out / "runs" / label, out / "glue" / label / "glue.json")
+        for label, name in entries
+    ]
     return {"rows": rows}
 
 
@@ -501,6 +503,18 @@ def _mean_over(row: dict, keys: list[str]) -> float | None:
 
 
 def _interval(row, base, common, boot, settings, rng) -> tuple[tuple[float, float] | None, str | None]:
+    samples, kind = delta_samples(row, base, common, boot, settings, rng)
+    if samples is None:
+        return None, None
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return (float(low), float(high)), kind
+
+
+def delta_samples(row, base, common, boot, settings, rng) -> tuple[np.ndarray | None, str | None]:
+    """Bootstrap samples of Δ (row − base, averaged over the ``common`` tasks) and their kind.
+
+    With prediction files the resample r of every task uses the same dev examples for every row
+    (and, through the seeded RNG, in every report): the samples of two budgets are paired too."""
     if all((r["label"], k) in boot for r in (row, base) for k in common):
         samples = np.mean([boot[(row["label"], k)] - boot[(base["label"], k)] for k in common], axis=0)
         several = any(len(r["scores"][k]) > 1 for r in (row, base) for k in common)
@@ -510,8 +524,7 @@ def _interval(row, base, common, boot, settings, rng) -> tuple[tuple[float, floa
         kind = INTERVAL_SEEDS
     if samples is None:
         return None, None
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return (float(low), float(high)), kind
+    return samples, kind
 
 
 def build_table(data: dict, settings: ReportSettings | None = None) -> dict:

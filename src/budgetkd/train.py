@@ -51,6 +51,7 @@ from budgetkd.models import (
     weights_fingerprint,
 )
 from budgetkd.strategies import StepInputs, Strategy, get_strategy
+from budgetkd.sweep import check_decay_fraction, wsd_learning_rate
 
 SUMMARY_VERSION = 1
 
@@ -90,6 +91,17 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 10
     progress: bool = True
+    # Sweeps (SPEC §7a). schedule "wsd": warm-up over ``schedule_warmup`` (an amount of the
+    # budget's currency), constant, then linear decay over the last ``decay_fraction`` of
+    # ``schedule_point`` (None → the budget). ``snapshots``: amounts at which a copy of the state
+    # is kept in RUN_DIR/snapshots/ for branches; ``init_from``: a snapshot this run continues.
+    schedule: str = "linear"
+    schedule_point: float | None = None
+    schedule_warmup: float | None = None
+    decay_fraction: float = 0.2
+    snapshots: list = field(default_factory=list)
+    init_from: str | None = None
+    charge_teacher: bool = True  # False: teacher_cost free (SPEC §7a), its forward passes uncharged
 
     # Fields that may change between a run and its resumption.
     RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_interval_s", "checkpoint_every_steps")
@@ -370,6 +382,7 @@ class Pretrainer:
             raise BudgetKDError(f"warmup must lie in [0, 1), got {cfg.warmup}")
         if cfg.lr is not None and not cfg.lr > 0:
             raise BudgetKDError(f"learning rate must be positive, got {cfg.lr}")
+        self._check_schedule()
         if self.strategy_cls.needs_teacher and not cfg.teacher:
             raise BudgetKDError(f"strategy {cfg.strategy!r} needs a teacher: pass --teacher PATH_OR_HUB_ID")
         self.arch = resolve_architecture(cfg.student)
@@ -474,10 +487,12 @@ class Pretrainer:
             # than the per-parameter loop that is PyTorch's CPU default
             **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
         )
-        self.meter = Meter(num_train_sequences=self.data.num_train)
+        self.meter = Meter(num_train_sequences=self.data.num_train, charge_teacher=cfg.charge_teacher)
         self.history: list[dict] = []
         self.skipped_steps = 0
         self.next_eval = 1
+        self.snapshots_taken: list[float] = []
+        self.branch: dict | None = None
 
         self.student_shape = flops.EncoderShape.from_config(self.student.config)
         self.teacher_shape = flops.EncoderShape.from_config(teacher_config) if teacher_config else None
@@ -533,6 +548,78 @@ class Pretrainer:
                 "the corpus) — lower the budget or use data_setting: limited"
             )
 
+    # -- the schedule ---------------------------------------------------------------------------
+    def _check_schedule(self) -> None:
+        cfg = self.config
+        if cfg.schedule not in ("linear", "wsd"):
+            raise BudgetKDError(f"schedule must be linear or wsd, got {cfg.schedule!r}")
+        if cfg.schedule == "linear":
+            if cfg.snapshots or cfg.init_from:
+                raise BudgetKDError("snapshots and branches need schedule: wsd")
+            return
+        check_decay_fraction(cfg.decay_fraction)
+        self.schedule_point = float(cfg.schedule_point or self.budget.amount)
+        self.schedule_warmup = (
+            float(cfg.schedule_warmup) if cfg.schedule_warmup is not None else cfg.warmup * self.budget.amount
+        )
+        if self.schedule_point < self.budget.amount:
+            raise BudgetKDError("a wsd run's schedule point must not lie before its budget")
+        if any(not 0 < a <= self.budget.amount for a in cfg.snapshots):
+            raise BudgetKDError("every snapshot must lie inside the run's budget")
+
+    def learning_rate(self) -> float:
+        """The rate of the next step: SPEC §3's linear schedule over the budget fraction, or WSD
+        over the consumed amount (budgetkd.sweep)."""
+        if self.config.schedule == "wsd":
+            consumed = self.meter.consumed(self.budget.currency)
+            return wsd_learning_rate(
+                self.lr, consumed, self.schedule_point, self.schedule_warmup, self.config.decay_fraction
+            )
+        return learning_rate(self.lr, self.meter.fraction(self.budget), self.config.warmup)
+
+    def snapshot_path(self, amount: float) -> Path:
+        return self.run_dir / snapshot_file(amount)
+
+    def _take_snapshots(self) -> None:
+        """Keep the state at the first step that reaches each snapshot amount (a branch point)."""
+        consumed = self.meter.consumed(self.budget.currency)
+        for amount in self.config.snapshots:
+            if consumed >= amount and amount not in self.snapshots_taken:
+                self.snapshots_taken.append(amount)
+                started = time.perf_counter()
+                rng = self.rng_state()  # collective: every rank takes the snapshot at the same step
+                if self.is_main:
+                    state = self.state(rng)
+                    state["snapshot_of"] = str(self.run_dir)
+                    state["prefix"] = self.meter.summary()
+                    atomic_torch_save(self.snapshot_path(amount), state)
+                self.meter.time_excluded_s += time.perf_counter() - started
+
+    def _branch_from(self, path: str) -> None:
+        """Continue a snapshot of another run: same weights, optimizer, meter, RNG and data
+        position, so this run's charge is the prefix's plus its own (SPEC §7a)."""
+        state = self._read_state(Path(path), "snapshot")
+        if state.get("init_fingerprint") != self.init_fingerprint:
+            raise BudgetKDError(f"snapshot {path} was trained from other initial weights than this run")
+        self.module.student.load_state_dict(state["student"])
+        self.module.strategy.load_state_dict(state["strategy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.meter = Meter.from_state_dict(state["meter"])
+        self.meter.charge_teacher = self.config.charge_teacher
+        if self.meter.exhausted(self.budget):
+            raise BudgetKDError(f"snapshot {path} has already consumed this run's budget {self.budget}")
+        self.skipped_steps = state["skipped_steps"]
+        self.history = [
+            {**entry, "budget_fraction": min(1.0, _consumed_at(entry, self) / self.budget.amount)}
+            for entry in state["history"]
+        ]
+        while self.next_eval <= self.config.num_evals and self.meter.fraction(self.budget) >= (
+            self.next_eval / self.config.num_evals
+        ):
+            self.next_eval += 1
+        self.branch = {"from": str(path), "of": state.get("snapshot_of"), "prefix": state.get("prefix")}
+        self._restore_rng(state)
+
     # -- FLOPs of one step ------------------------------------------------------------------------
     def step_flops(self, num_sequences: int, num_predicted: int) -> tuple[float, float]:
         """(student, teacher) FLOPs of a step over ``num_sequences`` with ``num_predicted`` masks:
@@ -569,8 +656,10 @@ class Pretrainer:
             "history": self.history,
             "skipped_steps": self.skipped_steps,
             "next_eval": self.next_eval,
+            "snapshots_taken": list(self.snapshots_taken),
             "rng": rng if rng is not None else self.rng_state(),
             "init_fingerprint": self.init_fingerprint,
+            "branch": self.branch,
         }
 
     def save_checkpoint(self) -> None:
@@ -581,21 +670,24 @@ class Pretrainer:
             atomic_torch_save(self.run_dir / "checkpoint.pt", self.state(rng))
         self.meter.time_excluded_s += time.perf_counter() - started
 
-    def load_checkpoint(self) -> None:
-        path = self.run_dir / "checkpoint.pt"
+    def _read_state(self, path: Path, what: str) -> dict:
+        """A checkpoint or snapshot, loaded with ``weights_only``: only tensors and plain containers
+        are rebuilt, so a planted pickle cannot run code as the user who resumes (issue 13 item 10)."""
         try:
-            # weights_only: only tensors and plain containers are rebuilt, so a planted pickle
-            # cannot run code as the user who resumes (issue 13 item 10)
             state = torch.load(path, map_location=self.device, weights_only=True)
         except pickle.UnpicklingError:
             raise BudgetKDError(
-                f"checkpoint {path} holds objects other than tensors, numbers, strings, lists and dicts; "
+                f"{what} {path} holds objects other than tensors, numbers, strings, lists and dicts; "
                 "refusing to unpickle it (that could run code) — delete it to restart the run"
             ) from None
         except Exception as exc:
-            raise BudgetKDError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
+            raise BudgetKDError(f"cannot read {what} {path}: {str(exc).splitlines()[0][:160]}") from None
         if not isinstance(state, dict):
-            raise BudgetKDError(f"checkpoint {path} is not a budgetkd checkpoint")
+            raise BudgetKDError(f"{what} {path} is not a budgetkd checkpoint")
+        return state
+
+    def load_checkpoint(self) -> None:
+        state = self._read_state(self.run_dir / "checkpoint.pt", "checkpoint")
         if state.get("config") != self.config_hash:
             raise BudgetKDError(
                 f"{self.run_dir} was started with a different configuration; resume with the same options or use a new --out"
@@ -607,6 +699,8 @@ class Pretrainer:
         self.history = state["history"]
         self.skipped_steps = state["skipped_steps"]
         self.next_eval = state["next_eval"]
+        self.snapshots_taken = list(state.get("snapshots_taken", []))
+        self.branch = state.get("branch")
         self._restore_rng(state)
 
     def _restore_rng(self, state: dict) -> None:
@@ -718,9 +812,7 @@ class Pretrainer:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             step = self.meter.steps
-            loss, _, _, _ = self.train_step(
-                step, learning_rate(self.lr, self.meter.fraction(self.budget), self.config.warmup)
-            )
+            loss, _, _, _ = self.train_step(step, self.learning_rate())
             self.apply_update(loss)
         with torch.no_grad():
             self.module.load_state_dict(weights)
@@ -831,6 +923,8 @@ class Pretrainer:
             raise BudgetKDError(f"{self.run_dir} holds an unfinished run; pass --resume to continue it")
         if state == "unfinished":
             self.load_checkpoint()
+        elif cfg.init_from:
+            self._branch_from(cfg.init_from)
         else:
             torch.manual_seed(dropout_seed(cfg.seed, self.rank))  # this rank's own dropout stream
         if self.is_main:
@@ -870,7 +964,7 @@ class Pretrainer:
                 if self.data_limit_steps is not None and self.meter.steps >= self.data_limit_steps:
                     break  # the next step would cross max_epochs (the data limit, SPEC §1)
                 step = self.meter.steps
-                lr = learning_rate(self.lr, self.meter.fraction(self.budget), cfg.warmup)
+                lr = self.learning_rate()
                 started = time.perf_counter()
                 loss, parts, teacher_s, n_pred = self.train_step(step, lr)
                 finite = self.apply_update(loss)
@@ -903,6 +997,8 @@ class Pretrainer:
                 m.flops_student += f_student
                 m.flops_teacher += f_teacher
                 progress.update(m)
+                if cfg.snapshots:
+                    self._take_snapshots()
                 if writer is not None and (m.steps % cfg.log_every == 0 or m.steps == 1):
                     writer.add_scalar("train/loss", loss, m.steps)
                     writer.add_scalar("train/lr", lr, m.steps)
@@ -990,7 +1086,31 @@ class Pretrainer:
             "init_fingerprint": self.init_fingerprint,
             "data_fingerprint": self.data.meta.get("fingerprint"),
             "device": str(self.device),
+            "schedule": self._schedule_summary(),
         }
+
+    def _schedule_summary(self) -> dict:
+        cfg = self.config
+        if cfg.schedule != "wsd":
+            return {"kind": "linear", "warmup": cfg.warmup}
+        out = {
+            "kind": "wsd",
+            "point": self.schedule_point,
+            "warmup_amount": self.schedule_warmup,
+            "decay_fraction": cfg.decay_fraction,
+            "currency": self.budget.currency,
+            "snapshots": [str(self.snapshot_path(a)) for a in self.snapshots_taken],
+        }
+        if self.branch:
+            prefix = self.branch.get("prefix") or {}
+            own = self.meter.summary()
+            out["branched_from"] = self.branch["from"]
+            out["prefix"] = prefix
+            out["own"] = {
+                k: own[k] - prefix.get(k, 0)
+                for k in ("time_s", "flops", "flops_student", "flops_teacher", "tokens", "steps", "sequences")
+            }
+        return out
 
 
 def pretrain(config: TrainConfig, resume: bool = False) -> dict:
@@ -1003,6 +1123,19 @@ def pretrain(config: TrainConfig, resume: bool = False) -> dict:
         if dist_utils.rank() == 0:
             _remove_temporaries(run_dir)  # left by a process killed in the middle of a write
         return Pretrainer(config, resume=resume).pretrain()
+
+
+def snapshot_file(amount: float) -> str:
+    """A snapshot's file inside its run directory, named by its amount (``repr``: exact)."""
+    return f"snapshots/at-{float(amount)!r}.pt"
+
+
+def _consumed_at(entry: dict, trainer: Pretrainer) -> float:
+    """The amount of the run's budget currency consumed at a history entry."""
+    currency = trainer.budget.currency
+    if currency == "epochs":
+        return entry["step"] * trainer.config.batch_size / max(1, trainer.data.num_train)
+    return float(entry[{"time": "time_s", "flops": "flops", "tokens": "tokens", "steps": "step"}[currency]])
 
 
 def _versions() -> dict:

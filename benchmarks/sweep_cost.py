@@ -1,0 +1,138 @@
+"""What a budget sweep costs with ``schedule: wsd`` against separate linear-decay runs, and how far
+the WSD points' Δ lie from the separately trained points' (issue 15, "Measured, not asserted").
+
+Runs the same sweep twice with ``budgetkd compare`` — once with the paper's linear schedule (every
+point its own run), once with WSD (one trunk per strategy, the other points branch from its
+snapshots) — and prints, per strategy, the charged FLOPs and time of the whole sweep as a multiple
+of its largest point, and the Δ of every KD point under both schedules side by side.
+
+    python benchmarks/sweep_cost.py --out /tmp/sweep-bench [--points 0.25 0.5 1 2 4]
+
+Charged cost of a WSD sweep = the trunk's consumption + every branch's own part (its decay);
+of a linear sweep = the sum of its runs. FLOPs are deterministic; time depends on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def config(schedule: str, points: list[float], glue_train: int, calibrate_epochs: float) -> dict:
+    return {
+        "name": f"sweep-{schedule}",
+        "seed": 0,
+        "data": {
+            "inputs": [str(SHARED / "corpus" / "wikitext-2-raw"), str(SHARED / "corpus" / "gutenberg")],
+            "tokenizer": {"train": 4000},
+        },
+        "teacher": {
+            "pretrain": {
+                "student": {"layers": 4, "hidden": 256, "heads": 4},
+                "budget": "400steps",
+                "batch_size": 32,
+            }
+        },
+        "student": {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512},
+        "strategies": ["none", "minilm"],
+        "budget": {
+            "calibrate": {"strategy": "none", "epochs": calibrate_epochs, "currency": "flops"},
+            "sweep": points,
+            "schedule": schedule,
+        },
+        "data_setting": "limited",
+        "optimizer": {"batch_size": 32},
+        "training": {"num_evals": 2, "eval_sequences": 128, "dropout": 0.0},
+        "glue": {
+            "dir": str(SHARED / "glue"),
+            "tasks": ["sst2"],
+            "grid": "lr=1e-3,bs=32",
+            "epochs": 1,
+            "max_train_examples": glue_train,
+        },
+    }
+
+
+def charged(out: Path) -> dict[str, dict]:
+    """Per strategy: the charged FLOPs/time of the sweep and of its largest point."""
+    sweep = json.loads((out / "sweep.json").read_text())
+    totals: dict[str, dict] = {}
+    for student in sweep["students"].values():
+        summary = json.loads((Path(student["run"]) / "summary.json").read_text())
+        schedule = summary.get("schedule") or {}
+        paid = schedule.get("own") or summary["consumed"]  # a branch pays only its own part
+        entry = totals.setdefault(
+            student["label"], {"flops": 0.0, "time_s": 0.0, "largest": None, "points": 0}
+        )
+        entry["flops"] += paid["flops"]
+        entry["time_s"] += paid["time_s"]
+        entry["points"] += 1
+        if entry["largest"] is None or student["point_amount"] > entry["largest"]["point"]:
+            entry["largest"] = {
+                "point": student["point_amount"],
+                **{k: summary["consumed"][k] for k in ("flops", "time_s")},
+            }
+    for entry in totals.values():
+        entry["flops_vs_largest"] = entry["flops"] / entry["largest"]["flops"]
+        entry["time_vs_largest"] = entry["time_s"] / entry["largest"]["time_s"]
+    return totals
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--points", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4])
+    parser.add_argument("--glue-train", type=int, default=2000)
+    parser.add_argument("--calibrate-epochs", type=float, default=0.25)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    from budgetkd.experiment import compare
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for schedule in ("linear", "wsd"):
+        path = out / f"{schedule}.yaml"
+        path.write_text(yaml.safe_dump(config(schedule, args.points, args.glue_train, args.calibrate_epochs)))
+        compare(path, out / schedule, progress=False)
+        crossover = json.loads((out / schedule / "sweep" / "crossover.json").read_text())
+        results[schedule] = {"charged": charged(out / schedule), "crossover": crossover}
+    print(
+        f"sweep {args.points} × (none, minilm), FLOPs budgets (deterministic), SST-2 {args.glue_train} train / full dev"
+    )
+    print(f"{'strategy':<10} {'schedule':<8} {'FLOPs / largest':>16} {'time / largest':>15}")
+    for schedule, result in results.items():
+        for label, entry in result["charged"].items():
+            print(
+                f"{label:<10} {schedule:<8} {entry['flops_vs_largest']:>16.3f} {entry['time_vs_largest']:>15.3f}"
+            )
+    print(
+        f"\n{'KD point':<12} {'Δ linear':>10} {'Δ wsd':>10} {'wsd − linear':>13}  (GLUE Avg points, 95 % CI in crossover.json)"
+    )
+    gaps = []
+    for label in results["linear"]["crossover"]:
+        lin = results["linear"]["crossover"][label]["points"]
+        wsd = results["wsd"]["crossover"][label]["points"]
+        for a, b in zip(lin, wsd):
+            gaps.append(b["delta"] - a["delta"])
+            print(f"{label}@{a['budget']:.3g} {a['delta']:>+10.2f} {b['delta']:>+10.2f} {gaps[-1]:>+13.2f}")
+        for schedule in ("linear", "wsd"):
+            c = results[schedule]["crossover"][label]
+            print(
+                f"  crossover ({schedule}): {c.get('crossover')} [{c.get('low')}, {c.get('high')}] {c.get('text', '')}"
+            )
+    results["mean_abs_delta_gap"] = sum(abs(g) for g in gaps) / max(1, len(gaps))
+    print(f"\nmean |Δ_wsd − Δ_linear| = {results['mean_abs_delta_gap']:.2f} points")
+    (out / "sweep_cost.json").write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

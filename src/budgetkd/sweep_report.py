@@ -1,0 +1,357 @@
+"""The report of a budget sweep (SPEC §7a): Table 2 per budget, Δ and GLUE Avg against the budget,
+the crossover budget of every KD strategy with its bootstrap interval, the crossover against the
+number of students that share the teacher, and a long-format CSV.
+
+Files written into the experiment directory::
+
+    sweep/table-<tag>.md|csv     Table 2 at each point (the rows of that budget)
+    sweep/crossover.json         per KD strategy: Δ per point with its interval, the crossover
+    sweep/long.csv               strategy, budget, currency, task, metric, value, seed
+    plots/delta_vs_budget.png    Δ of each KD strategy against the budget (log axis), intervals
+    plots/avg_vs_budget.png      GLUE Avg against the budget, one line per strategy
+    plots/crossover_vs_students.png  (teacher_cost amortized) the crossover against K
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from budgetkd.errors import BudgetKDError
+from budgetkd.io import atomic_write_json, atomic_write_text, read_json
+from budgetkd.sweep import crossings, crossover_with_interval
+
+UNITS = {
+    "time": ("hours", 1 / 3600),
+    "flops": ("FLOPs", 1.0),
+    "tokens": ("tokens", 1.0),
+    "steps": ("steps", 1.0),
+}
+
+
+def read_sweep(out: Path) -> dict:
+    """``DIR/sweep.json`` as written by ``compare`` (points, students, currency)."""
+    path = out / "sweep.json"
+    if not path.is_file():
+        raise BudgetKDError(f"{out} holds no sweep (no sweep.json)")
+    return read_json(path, "sweep record")
+
+
+def long_rows(out: Path, sweep: dict) -> list[dict]:
+    """One row per (student, task, metric, seed) of the best configuration of every task."""
+    rows = []
+    for sid, student in sweep["students"].items():
+        glue_path = out / "glue" / sid / "glue.json"
+        if not glue_path.is_file():
+            continue
+        glue = read_json(glue_path, "GLUE results")
+        for task, entry in sorted(glue.get("tasks", {}).items()):
+            best = entry.get("best")
+            if not best:
+                continue
+            for run in entry.get("runs", []):
+                if run["lr"] != best["lr"] or run["batch_size"] != best["batch_size"]:
+                    continue
+                for metric, value in run["metrics"].items():
+                    rows.append(
+                        {
+                            "strategy": student["label"],
+                            "budget": student["amount"],
+                            "currency": sweep["currency"],
+                            "point": student["tag"],
+                            "task": task,
+                            "metric": metric,
+                            "value": value,
+                            "seed": run["seed"],
+                        }
+                    )
+    return rows
+
+
+def render_long_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    fields = ["strategy", "budget", "currency", "point", "task", "metric", "value", "seed"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in fields})
+    return buffer.getvalue()
+
+
+def crossover_summary(
+    budgets: list[float], deltas: list[float], samples: np.ndarray | None, level: float = 0.95
+) -> dict:
+    """The crossover of one KD strategy: first sign change of Δ in log-budget, with its interval
+    from the bootstrap samples of Δ (one column per point) when there are any."""
+    if samples is None or len(samples) == 0:
+        found = crossings(budgets, deltas)
+        result = {"crossover": found[0].budget if found else None, "low": None, "high": None}
+        if not found:
+            result["text"] = f"no crossover between {min(budgets):g} and {max(budgets):g}"
+        return result
+    return crossover_with_interval(budgets, deltas, samples, level)
+
+
+def crossover_vs_students(
+    no_kd: list[tuple[float, float]], kd: list[tuple[float, float]], pretraining: float, students: list[int]
+) -> list[dict]:
+    """The crossover against K when each KD student pays 1/K of the teacher's ``pretraining``.
+
+    ``no_kd``/``kd``: (own budget, Avg) per point. A KD student trained on its own budget ``a``
+    costs ``a + T/K`` in all; its Δ is its Avg minus No-KD's Avg at that cost, interpolated
+    linearly in log-budget between No-KD's points (points outside No-KD's range are left out).
+    """
+    xs = np.log([b for b, _ in no_kd])
+    ys = np.array([a for _, a in no_kd])
+    out = []
+    for k in students:
+        costs, deltas = [], []
+        for own, avg in kd:
+            cost = own + pretraining / k
+            if not xs[0] <= math.log(cost) <= xs[-1]:
+                continue
+            costs.append(cost)
+            deltas.append(avg - float(np.interp(math.log(cost), xs, ys)))
+        found = crossings(costs, deltas) if len(costs) >= 2 else []
+        out.append({"students": k, "crossover": found[0].budget if found else None, "points": len(costs)})
+    return out
+
+
+def plot_sweep(
+    out: Path, currency: str, curves: dict, averages: dict, by_students: dict | None
+) -> list[Path]:
+    """Δ against budget with intervals and crossovers; Avg against budget; crossover against K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit, scale = UNITS.get(currency, (currency, 1.0))
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, curve in enumerate(curves.values()):
+        colour = colours[i % len(colours)]
+        x = np.array(curve["budgets"]) * scale
+        y = np.array(curve["deltas"])
+        low = np.array([np.nan if v is None else v for v in curve["low"]], dtype=float)
+        high = np.array([np.nan if v is None else v for v in curve["high"]], dtype=float)
+        ax.plot(x, y, marker="o", color=colour, label=curve["display"])
+        if np.isfinite(low).any():
+            ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
+        cross = curve["crossover"].get("crossover")
+        if cross is not None:
+            ax.axvline(cross * scale, color=colour, linestyle=":", linewidth=1)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"budget ({unit}, log scale)")
+    ax.set_ylabel("Δ GLUE Avg vs No-KD (points)")
+    ax.set_title(
+        "Where KD stops paying: Δ against the budget (95 % intervals, crossovers dotted)", fontsize=10
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, plots / "delta_vs_budget.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, points in enumerate(averages.values()):
+        values = sorted(points["values"])
+        xs = [v[0] * scale for v in values]
+        ax.plot(
+            xs,
+            [v[1] for v in values],
+            marker="o",
+            color=colours[i % len(colours)],
+            label=points["display"],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"budget ({unit}, log scale)")
+    ax.set_ylabel("GLUE Avg (dev, points)")
+    ax.set_title("GLUE Avg against the pretraining budget", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, plots / "avg_vs_budget.png"))
+
+    if by_students:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (label, rows) in enumerate(by_students.items()):
+            pts = [(r["students"], r["crossover"] * scale) for r in rows if r["crossover"] is not None]
+            if pts:
+                ax.plot(
+                    *zip(*pts), marker="o", color=colours[i % len(colours)], label=curves[label]["display"]
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("students sharing the teacher's pretraining (K, log scale)")
+        ax.set_ylabel(f"crossover budget ({unit}, log scale)")
+        ax.set_title("Crossover budget against K (teacher_cost: amortized)", fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, plots / "crossover_vs_students.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    atomic_write_json(path, payload)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    atomic_write_text(path, text)
+    return path
+
+
+# -- the whole report -----------------------------------------------------------------------------
+STUDENT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
+    """Every sweep file of a compare directory (module docstring); returns their paths."""
+    from budgetkd import report
+
+    out = Path(out)
+    sweep = read_sweep(out)
+    settings = settings or report.resolve_settings(out)
+    currency = sweep["currency"]
+    students = sweep["students"]
+    written: list[Path] = []
+    curves: dict[str, dict] = {}
+    averages: dict[str, dict] = {}
+    sections = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
+    for tag in sweep["points"]:
+        ids = [sid for sid, st in students.items() if st["tag"] == tag]
+        rows = [
+            report.collect_row(
+                sid, students[sid]["strategy"], Path(students[sid]["run"]), out / "glue" / sid / "glue.json"
+            )
+            for sid in ids
+        ]
+        data = {"rows": rows}
+        table = report.build_table(data, settings)
+        budgets = report.budget_rows(data)
+        point = students[ids[0]]["point_amount"]
+        written.append(write_text(out / "sweep" / f"table-{tag}.md", report.render_markdown(table, budgets)))
+        written.append(write_text(out / "sweep" / f"table-{tag}.csv", report.render_csv(table)))
+        sections += [f"## {tag}: {point:g} {currency}", ""]
+        sections += _compact_table(table)
+        base = next((r for r in rows if r["strategy"] == "none"), None)
+        boot = report.paired_bootstrap(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
+        rng = np.random.default_rng(settings.bootstrap_seed)
+        for row, trow in zip(rows, table["rows"]):
+            label = students[row["label"]]["label"]
+            averages.setdefault(label, {"display": _display(trow), "values": []})
+            if trow["avg"] is not None:
+                averages[label]["values"].append((point, 100 * trow["avg"], students[row["label"]]["amount"]))
+            if base is None or row is base or trow["delta"] is None:
+                continue
+            samples, kind = report.delta_samples(row, base, trow["delta_tasks"], boot, settings, rng)
+            curve = curves.setdefault(
+                label,
+                {
+                    "display": _display(trow),
+                    "budgets": [],
+                    "deltas": [],
+                    "low": [],
+                    "high": [],
+                    "samples": [],
+                    "kind": kind,
+                },
+            )
+            curve["budgets"].append(point)
+            curve["deltas"].append(100 * trow["delta"])
+            low, high = trow["delta_ci95"] or (None, None)
+            curve["low"].append(None if low is None else 100 * low)
+            curve["high"].append(None if high is None else 100 * high)
+            curve["samples"].append(None if samples is None else 100 * np.asarray(samples))
+    crossover = {}
+    for label, curve in curves.items():
+        samples = curve.pop("samples")
+        matrix = None
+        if all(s is not None for s in samples) and len({len(s) for s in samples}) == 1:
+            matrix = np.stack(samples, axis=1)  # [resamples, points]: paired across points
+        curve["crossover"] = crossover_summary(curve["budgets"], curve["deltas"], matrix)
+        crossover[label] = {
+            "display": curve["display"],
+            "currency": currency,
+            "points": [
+                {"budget": b, "delta": d, "low": lo, "high": hi}
+                for b, d, lo, hi in zip(curve["budgets"], curve["deltas"], curve["low"], curve["high"])
+            ],
+            "interval": curve["kind"],
+            **curve["crossover"],
+        }
+    by_students = None
+    charge = sweep.get("teacher_cost") or {}
+    if charge.get("mode") == "amortized" and "none" in {s["strategy"] for s in students.values()}:
+        key = {"time": "time_s", "flops": "flops"}[currency]
+        total = (charge.get("pretraining") or {}).get(key)
+        no_kd_label = next(s["label"] for s in students.values() if s["strategy"] == "none")
+        no_kd = [(b, a) for b, a, _ in sorted(averages.get(no_kd_label, {}).get("values", []))]
+        if total and len(no_kd) >= 2:
+            by_students = {}
+            for label in curves:
+                own = [(amount, a) for _, a, amount in sorted(averages[label]["values"])]
+                by_students[label] = crossover_vs_students(no_kd, own, total, list(STUDENT_COUNTS))
+                crossover[label]["by_students"] = by_students[label]
+    written.append(write_json(out / "sweep" / "crossover.json", crossover))
+    written.append(write_text(out / "sweep" / "long.csv", render_long_csv(long_rows(out, sweep))))
+    written += plot_sweep(out, currency, curves, averages, by_students)
+    sections += ["## Crossover (where Δ crosses 0, interpolated in log-budget)", ""]
+    for entry in crossover.values():
+        sections.append(f"- {entry['display']}: {_crossover_text(entry, currency)}")
+    sections += [
+        "",
+        "![Δ against budget](plots/delta_vs_budget.png)",
+        "",
+        "![Avg against budget](plots/avg_vs_budget.png)",
+        "",
+    ]
+    written.append(write_text(out / "sweep.md", "\n".join(sections)))
+    return written
+
+
+def _display(trow: dict) -> str:
+    return trow["display"].split(" (")[0]
+
+
+def _compact_table(table: dict) -> list[str]:
+    lines = ["| Strategy | Avg | Δ [95 % CI] |", "|---|---:|---:|"]
+    for row in table["rows"]:
+        avg = "–" if row["avg"] is None else f"{100 * row['avg']:.1f}"
+        if row["delta"] is None:
+            delta = "–" if not row["is_base"] else "0 (base)"
+        else:
+            delta = f"{100 * row['delta']:+.1f}"
+            if row["delta_ci95"]:
+                delta += f" [{100 * row['delta_ci95'][0]:+.1f}, {100 * row['delta_ci95'][1]:+.1f}]"
+        lines.append(f"| {row['display']} | {avg} | {delta} |")
+    return lines + [""]
+
+
+def _crossover_text(entry: dict, currency: str) -> str:
+    if entry.get("crossover") is None:
+        return entry.get("text", "no crossover in the swept range")
+    text = f"crossover at {entry['crossover']:.4g} {currency}"
+    if entry.get("low") is not None or entry.get("high") is not None:
+        low = "open" if entry.get("low") is None else f"{entry['low']:.4g}"
+        high = "open" if entry.get("high") is None else f"{entry['high']:.4g}"
+        text += f" (95 % interval {low} – {high})"
+    return text

@@ -1,0 +1,205 @@
+"""Sweep arithmetic (SPEC §7a) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from budgetkd.errors import BudgetKDError
+from budgetkd.sweep import (
+    branch_amount,
+    check_sweep_points,
+    crossings,
+    crossover_with_interval,
+    first_crossover,
+    kd_budget_amount,
+    teacher_charge,
+    wsd_cost,
+    wsd_learning_rate,
+)
+
+
+def test_wsd_schedule_by_hand():
+    # peak 1, warm-up 10, point 100, decay fraction 0.2: decay from 80 to 100
+    lr = [wsd_learning_rate(1.0, c, 100.0, 10.0, 0.2) for c in (0, 5, 10, 50, 79.9, 80, 90, 95, 100, 120)]
+    assert lr[:3] == [0.0, 0.5, 1.0]
+    assert lr[3] == 1.0 and lr[4] == 1.0
+    assert lr[5] == pytest.approx(1.0)  # decay starts at its peak: the schedule is continuous
+    assert lr[6] == pytest.approx(0.5)
+    assert lr[7] == pytest.approx(0.25)
+    assert lr[8] == 0.0 and lr[9] == 0.0  # reaches 0 exactly at the budget
+
+
+def test_points_share_the_trunk_until_they_branch():
+    points = [25.0, 50.0, 100.0]
+    for c in np.linspace(0, branch_amount(25.0, 0.2), 7):
+        rates = {wsd_learning_rate(2.0, c, p, 5.0, 0.2) for p in points}
+        assert len(rates) == 1  # one trunk: every point has the same rate before its branch
+    assert branch_amount(50.0, 0.2) == 40.0
+
+
+def test_sweep_cost_is_the_largest_point_plus_each_decay():
+    # 5 points 0.25..4 × B with f = 0.2: 4 + 0.2·(0.25+0.5+1+2) = 4.75 B, vs 7.75 B for separate runs
+    points = [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert wsd_cost(points, 0.2) == pytest.approx(4.75)
+    assert wsd_cost(points, 0.2) / max(points) <= 1.3
+
+
+def test_sweep_points_are_checked():
+    assert check_sweep_points([4, 1, 2], warmup=0.5, decay_fraction=0.2) == [1.0, 2.0, 4.0]
+    with pytest.raises(BudgetKDError, match="at least two"):
+        check_sweep_points([1], 0.0, 0.2)
+    with pytest.raises(BudgetKDError, match="distinct"):
+        check_sweep_points([1, 1], 0.0, 0.2)
+    with pytest.raises(BudgetKDError, match="warm-up"):
+        check_sweep_points([1, 2], warmup=0.9, decay_fraction=0.2)
+
+
+def test_crossover_interpolates_in_log_budget():
+    # Δ = +2 at budget 1, -2 at budget 100: the zero is half-way in log space, at 10
+    assert first_crossover([1, 100], [2.0, -2.0]) == pytest.approx(10.0)
+    # Δ = +3 at 10, -1 at 1000: log10 B* = 1 + 3·2/4 = 2.5
+    assert first_crossover([1, 10, 1000], [5.0, 3.0, -1.0]) == pytest.approx(10**2.5)
+    found = crossings([1, 10, 100, 1000], [1.0, -1.0, -1.0, 1.0])
+    assert [c.direction for c in found] == ["kd_stops_paying", "kd_starts_paying"]
+    assert found[0].budget == pytest.approx(math.sqrt(10))
+    assert found[1].between == (100.0, 1000.0)
+    assert first_crossover([1, 2, 4], [1.0, 0.5, 0.25]) is None
+    assert first_crossover([1, 2, 4], [0.0, 0.0, 0.0]) is None  # Δ = 0 throughout: no sign, no crossing
+    assert first_crossover([1, 2, 4, 8], [1.0, 0.0, 0.0, -1.0]) == 2.0  # reaches 0 at 2, negative at 8
+    assert first_crossover([1, 2, 4], [0.0, 1.0, 2.0]) is None  # starts at 0, then positive
+
+
+def test_crossover_interval_from_bootstrap_samples():
+    budgets = [1.0, 100.0]
+    # every resample crosses at 10^(2·a/(a+b)); with a = 2, b ∈ {1, 2, 3}: 10^(4/3), 10, 10^(4/5)
+    samples = np.array([[2.0, -1.0], [2.0, -2.0], [2.0, -3.0]] * 10)
+    result = crossover_with_interval(budgets, [2.0, -2.0], samples, level=0.9)
+    assert result["crossover"] == pytest.approx(10.0)
+    assert result["low"] == pytest.approx(10**0.8)
+    assert result["high"] == pytest.approx(10 ** (4 / 3))
+    assert result["no_crossover_share"] == 0.0
+
+
+def test_crossover_interval_open_when_resamples_stay_positive():
+    samples = np.array([[2.0, -2.0]] * 5 + [[2.0, 1.0]] * 5)  # half the resamples: KD ahead throughout
+    result = crossover_with_interval([1.0, 100.0], [2.0, -2.0], samples)
+    assert result["high"] is None and result["low"] == pytest.approx(10.0)
+    assert result["no_crossover_share"] == 0.5
+    none = crossover_with_interval([1.0, 100.0], [1.0, 0.5], np.array([[1.0, 0.5]]))
+    assert none["crossover"] is None and none["text"].startswith("no crossover between 1 and 100")
+
+
+def test_teacher_charge_modes():
+    assert teacher_charge("inference")["time_s"] == 0.0
+    assert teacher_charge("inference")["charge_forward"] is True
+    assert teacher_charge("free")["charge_forward"] is False
+    charge = teacher_charge("amortized", pretraining={"time_s": 3600.0, "flops": 8e18}, students=4)
+    assert charge["time_s"] == 900.0 and charge["flops"] == 2e18
+    # the calibrated KD budget: No-KD's minus the per-student charge
+    assert kd_budget_amount(14400.0, "time", charge) == 13500.0
+    assert kd_budget_amount(1e19, "flops", charge) == pytest.approx(8e18)
+    with pytest.raises(BudgetKDError, match="uses up"):
+        kd_budget_amount(800.0, "time", charge)
+    with pytest.raises(BudgetKDError, match="time or FLOPs"):
+        kd_budget_amount(100.0, "steps", charge)
+    with pytest.raises(BudgetKDError, match="positive integer"):
+        teacher_charge("amortized", pretraining={"time_s": 1.0}, students=0)
+    with pytest.raises(BudgetKDError, match="one of"):
+        teacher_charge("cheap")
+
+
+# -- WSD runs: one trunk, branches that continue it ----------------------------------------------
+def _run_recording_lrs(config, monkeypatch):
+    from budgetkd.train import Pretrainer
+
+    seen: list[float] = []
+    original = Pretrainer.train_step
+
+    def recording(self, step, lr):
+        seen.append(lr)
+        return original(self, step, lr)
+
+    monkeypatch.setattr(Pretrainer, "train_step", recording)
+    summary = Pretrainer(config).pretrain()
+    monkeypatch.setattr(Pretrainer, "train_step", original)
+    # the first call is the uncharged warm-up step (undone), at the first step's rate
+    assert seen[0] == seen[1]
+    return summary, seen[1:]
+
+
+def test_wsd_branch_continues_the_trunk_and_pays_prefix_plus_decay(make_config, tmp_path, monkeypatch):
+    from budgetkd.data import PackedData
+
+    peak = 1e-3
+    common = dict(schedule="wsd", schedule_warmup=2.0, decay_fraction=0.2, lr=peak, num_evals=2)
+    # the trunk is the largest point (20 steps); the 10-step point branches at (1 − 0.2)·10 = 8
+    trunk_dir = tmp_path / "trunk"
+    trunk, trunk_lrs = _run_recording_lrs(
+        make_config(trunk_dir, budget="20steps", snapshots=[8.0], **common), monkeypatch
+    )
+    assert len(trunk_lrs) == 20
+    assert trunk_lrs[:3] == [0.0, peak / 2, peak]
+    assert trunk_lrs[3:17] == [peak] * 14  # constant until its own decay starts at 16
+    assert trunk_lrs[17:] == pytest.approx([0.75 * peak, 0.5 * peak, 0.25 * peak])
+    snapshot = trunk_dir / "snapshots" / "at-8.0.pt"
+    assert snapshot.is_file() and trunk["schedule"]["snapshots"] == [str(snapshot)]
+
+    branch, branch_lrs = _run_recording_lrs(
+        make_config(tmp_path / "b10", budget="10steps", init_from=str(snapshot), **common), monkeypatch
+    )
+    # the prefix is not trained again: the branch runs its two decay steps only, and its rate
+    # falls linearly to 0 at its budget (peak·(10 − c)/2 at c = 8, 9; 0 at c = 10)
+    assert branch_lrs == pytest.approx([peak, 0.5 * peak])
+    consumed, schedule = branch["consumed"], branch["schedule"]
+    assert consumed["steps"] == 10 and schedule["prefix"]["steps"] == 8 and schedule["own"]["steps"] == 2
+    # the charged tokens are the prefix's (the trunk's first 8 steps) plus steps 8 and 9 of the data
+    from budgetkd.data import MaskingConfig, StepBatches
+
+    data = PackedData(make_config(tmp_path / "x").data)
+    masking = MaskingConfig(data.vocab_size, data.special_ids["mask"], tuple(data.special_ids["all"]))
+    batches = StepBatches(data, batch_size=8, micro_batch_size=8, data_seed=0, mask_seed=0, masking=masking)
+    assert schedule["prefix"]["tokens"] == sum(batches.global_tokens(s) for s in range(8))
+    assert schedule["own"]["tokens"] == batches.global_tokens(8) + batches.global_tokens(9)
+    assert consumed["tokens"] == schedule["prefix"]["tokens"] + schedule["own"]["tokens"]
+    for key in ("time_s", "flops"):
+        assert consumed[key] == pytest.approx(schedule["prefix"][key] + schedule["own"][key])
+        assert schedule["own"][key] > 0
+    # every step of one shape charges the same analytic FLOPs: the branch's two steps cost 2/8 of
+    # its prefix's student FLOPs when the masked counts are equal; at least they are of that order
+    assert 0.1 < schedule["own"]["flops"] / schedule["prefix"]["flops"] < 0.5
+    assert branch["budget_exhausted"] and branch["schedule"]["branched_from"] == str(snapshot)
+
+
+def test_wsd_branch_matches_a_run_that_never_stopped(make_config, tmp_path, monkeypatch):
+    """A branch is the trunk continued: branching at 8 and decaying to 10 gives the same weights
+    as one uninterrupted wsd run to 10 with the same warm-up (same data, masks, dropout stream)."""
+    common = dict(schedule="wsd", schedule_warmup=2.0, decay_fraction=0.2, lr=1e-3)
+    trunk_dir = tmp_path / "trunk"
+    _run_recording_lrs(make_config(trunk_dir, budget="20steps", snapshots=[8.0], **common), monkeypatch)
+    snapshot = trunk_dir / "snapshots" / "at-8.0.pt"
+    _run_recording_lrs(
+        make_config(tmp_path / "branch", budget="10steps", init_from=str(snapshot), **common), monkeypatch
+    )
+    _run_recording_lrs(make_config(tmp_path / "whole", budget="10steps", **common), monkeypatch)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "branch" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_wsd_refusals(make_config, tmp_path):
+    from budgetkd.train import pretrain
+
+    with pytest.raises(BudgetKDError, match="need schedule: wsd"):
+        pretrain(make_config(tmp_path / "a", snapshots=[1.0]))
+    with pytest.raises(BudgetKDError, match="schedule must be"):
+        pretrain(make_config(tmp_path / "b", schedule="cosine"))
+    with pytest.raises(BudgetKDError, match="inside the run's budget"):
+        pretrain(make_config(tmp_path / "c", schedule="wsd", snapshots=[9.0]))

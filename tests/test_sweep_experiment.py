@@ -1,0 +1,230 @@
+"""Budget sweeps through ``budgetkd compare`` (SPEC §7a): a tiny three-point WSD sweep to its plots,
+crossover JSON and long CSV, killed mid-sweep and resumed to the same numbers; the teacher_cost
+modes and the KD budgets they imply."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from budgetkd.config import validate_experiment
+from budgetkd.errors import BudgetKDError
+from budgetkd.experiment import compare
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not available")
+
+
+def sweep_config(**changes) -> dict:
+    config = {
+        "name": "sweep-ci",
+        "seed": 0,
+        "data": {
+            "inputs": [str(SHARED / "corpus" / "wikitext-2-raw" / "wiki.valid.raw")],
+            "tokenizer": {"train": 1000},
+        },
+        "teacher": {
+            "pretrain": {
+                "student": {"layers": 2, "hidden": 64, "heads": 4},
+                "budget": "6steps",
+                "batch_size": 16,
+            }
+        },
+        "student": {"layers": 1, "hidden": 32, "heads": 4, "intermediate": 64},
+        "strategies": ["none", "minilm"],
+        # FLOPs: deterministic budgets, so a resumed sweep must equal an uninterrupted one
+        "budget": {
+            "calibrate": {"strategy": "none", "epochs": 0.2, "currency": "flops"},
+            "sweep": [0.25, 0.5, 1],
+            "schedule": "wsd",
+            "decay_fraction": 0.5,
+        },
+        "optimizer": {"batch_size": 16},
+        "training": {"num_evals": 1, "eval_sequences": 16, "dropout": 0.0, "checkpoint_every_steps": 1},
+        "glue": {
+            "dir": str(SHARED / "glue"),
+            "tasks": ["rte"],
+            "grid": "lr=1e-4,bs=32",
+            "epochs": 1,
+            "max_train_examples": 32,
+            "max_eval_examples": 48,
+        },
+    }
+    config = copy.deepcopy(config)
+    for dotted, value in changes.items():
+        node = config
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return config
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _results(out: Path) -> dict:
+    summaries = {
+        p.parent.name: json.loads(p.read_text())["consumed"]
+        for p in sorted((out / "runs").glob("*/summary.json"))
+    }
+    for consumed in summaries.values():
+        for key in (
+            "time_s",
+            "time_teacher_s",
+            "time_student_s",
+            "time_excluded_s",
+            "time_teacher_share",
+            "tokens_per_s",
+        ):
+            consumed.pop(key)
+    crossover = json.loads((out / "sweep" / "crossover.json").read_text())
+    return {"runs": summaries, "crossover": crossover, "long": (out / "sweep" / "long.csv").read_text()}
+
+
+def test_sweep_runs_to_its_report_and_resumes_after_a_kill(tmp_path, monkeypatch):
+    config_path = _write(tmp_path, sweep_config())
+    whole = tmp_path / "whole"
+    compare(config_path, whole, progress=False)
+    # every strategy at every point; with wsd the largest point is the trunk and keeps snapshots
+    sweep = json.loads((whole / "sweep.json").read_text())
+    assert sorted(sweep["students"]) == sorted(
+        f"{s}@x{m}" for s in ("none", "minilm") for m in ("0.25", "0.5", "1")
+    )
+    for label in ("none", "minilm"):
+        trunk = json.loads((whole / "runs" / f"{label}@x1" / "summary.json").read_text())
+        assert len(trunk["schedule"]["snapshots"]) == 2
+        for tag in ("0.25", "0.5"):
+            branch = json.loads((whole / "runs" / f"{label}@x{tag}" / "summary.json").read_text())
+            schedule = branch["schedule"]
+            assert schedule["branched_from"].startswith(str(whole / "runs" / f"{label}@x1" / "snapshots"))
+            for key in ("flops", "tokens", "steps"):
+                assert branch["consumed"][key] == pytest.approx(
+                    schedule["prefix"][key] + schedule["own"][key]
+                )
+            assert branch["budget_exhausted"]
+    # the report: a table per point, the crossover JSON, the long CSV and the plots
+    for tag in ("x0.25", "x0.5", "x1"):
+        assert (whole / "sweep" / f"table-{tag}.md").is_file()
+    crossover = json.loads((whole / "sweep" / "crossover.json").read_text())
+    assert set(crossover) == {"minilm"}
+    assert [p["budget"] for p in crossover["minilm"]["points"]] == sorted(
+        s["point_amount"] for s in sweep["students"].values() if s["label"] == "minilm"
+    )
+    assert "crossover" in crossover["minilm"] and crossover["minilm"]["interval"] == "examples"
+    with open(whole / "sweep" / "long.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["strategy"] for r in rows} == {"none", "minilm"} and {r["task"] for r in rows} == {"rte"}
+    assert len(rows) == 6 and {r["currency"] for r in rows} == {"flops"}
+    for name in ("delta_vs_budget.png", "avg_vs_budget.png"):
+        assert (whole / "plots" / name).stat().st_size > 10_000
+    assert "Crossover" in (whole / "sweep.md").read_text()
+
+    # killed inside a branch of the KD strategy, then re-run: the same numbers
+    from budgetkd.train import Pretrainer
+
+    original = Pretrainer.train_step
+    calls = {"n": 0}
+
+    def dying(self, step, lr):
+        if "minilm@x0.5" in str(self.run_dir):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the warm-up step, one charged step (checkpointed), then killed
+                raise KeyboardInterrupt("killed")
+        return original(self, step, lr)
+
+    monkeypatch.setattr(Pretrainer, "train_step", dying)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        compare(config_path, killed, progress=False)
+    assert not (killed / "runs" / "minilm@x0.5" / "summary.json").exists()
+    assert (killed / "runs" / "minilm@x0.5" / "checkpoint.pt").exists()
+    monkeypatch.setattr(Pretrainer, "train_step", original)
+    compare(config_path, killed, progress=False)
+    assert _results(killed)["runs"] == _results(whole)["runs"]
+    assert _results(killed)["long"] == _results(whole)["long"]
+    assert _results(killed)["crossover"] == _results(whole)["crossover"]
+
+
+def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
+    budget = "4e9flops"
+    results = {}
+    for mode in ("inference", "free", {"amortized": {"pretraining": "auto", "students": 8}}):
+        config = sweep_config(
+            **{"budget": {"explicit": budget}, "teacher_cost": mode, "glue.max_eval_examples": 16}
+        )
+        config["glue"]["max_train_examples"] = 16
+        name = mode if isinstance(mode, str) else "amortized"
+        out = tmp_path / name
+        compare(_write(tmp_path, config), out, progress=False)
+        results[name] = {
+            label: json.loads((out / "runs" / label / "summary.json").read_text())
+            for label in ("none", "minilm")
+        }
+        results[name]["charge"] = json.loads((out / "teacher_cost.json").read_text())
+        results[name]["teacher"] = json.loads((out / "teacher" / "summary.json").read_text())["consumed"]
+    amount = 4e9
+    # inference (the paper): the KD run pays its teacher's forward passes inside the budget
+    inference = results["inference"]["minilm"]
+    assert inference["budget"]["amount"] == amount
+    assert inference["consumed"]["flops"] >= amount
+    assert (
+        inference["consumed"]["flops"] - inference["consumed"]["flops"] / inference["consumed"]["steps"]
+        < amount
+    )
+    # free: only the student's compute is charged, so the KD run takes more steps for the same budget
+    free = results["free"]["minilm"]
+    assert free["consumed"]["flops_student"] >= amount
+    assert free["consumed"]["flops"] > amount and free["consumed"]["steps"] > inference["consumed"]["steps"]
+    # amortized over K = 8 students: the KD budget is No-KD's minus 1/8 of the teacher's pretraining
+    amortized = results["amortized"]
+    teacher_flops = amortized["teacher"]["flops"]
+    assert amortized["charge"]["flops"] == pytest.approx(teacher_flops / 8)
+    assert amortized["minilm"]["budget"]["amount"] == pytest.approx(amount - teacher_flops / 8)
+    assert amortized["none"]["budget"]["amount"] == amount  # No-KD pays nothing for a teacher
+    # the teacher's cost never changes what No-KD does
+    for mode in ("free", "amortized"):
+        for key in ("flops", "tokens", "steps"):
+            assert results[mode]["none"]["consumed"][key] == results["inference"]["none"]["consumed"][key]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"budget.sweep": [1]}, "at least two points"),
+        ({"budget.sweep": [0.5, 0.5]}, "distinct"),
+        ({"budget.sweep": [0.5, 10]}, "needs a second epoch"),
+        ({"budget.sweep": ["1h", "1e9flops"]}, "one currency"),
+        ({"budget.schedule": "cosine"}, "linear or wsd"),
+        ({"budget.decay_fraction": 0}, "decay fraction"),
+        ({"teacher_cost": "cheap"}, "teacher_cost"),
+        ({"teacher_cost": {"amortized": {"students": 0}}}, "positive integer"),
+        ({"teacher_cost": {"amortized": {"pretraining": "10steps", "students": 2}}}, "time or FLOPs"),
+    ],
+)
+def test_sweep_config_errors(changes, message):
+    with pytest.raises(BudgetKDError, match=message):
+        validate_experiment(sweep_config(**changes))
+
+
+def test_report_settings_in_the_config():
+    cfg = validate_experiment(
+        sweep_config(**{"report": {"avg_tasks": ["rte", "stsb"], "bootstrap_samples": 500}})
+    )
+    assert cfg["report"]["avg_tasks"] == ["rte", "stsb"] and cfg["report"]["bootstrap_samples"] == 500
+    for bad, message in (
+        ({"avg_tasks": ["wnli"]}, "report.avg_tasks"),
+        ({"bootstrap_samples": 5}, "at least"),
+        ({"bogus": 1}, "report.'bogus'"),
+    ):
+        with pytest.raises(BudgetKDError, match=message):
+            validate_experiment(sweep_config(report=bad))
