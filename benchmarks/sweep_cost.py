@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def config(schedule: str, points: list[float], glue_train: int, calibrate_epochs: float) -> dict:
-    return {
+def config(
+    schedule: str, points: list[float], glue_train: int, calibrate_epochs: float, teacher=None
+) -> dict:
+    cfg = {
         "name": f"sweep-{schedule}",
         "seed": 0,
         "data": {
@@ -36,7 +38,7 @@ def config(schedule: str, points: list[float], glue_train: int, calibrate_epochs
         "teacher": {
             "pretrain": {
                 "student": {"layers": 4, "hidden": 256, "heads": 4},
-                "budget": "400steps",
+                "budget": "150steps",
                 "batch_size": 32,
             }
         },
@@ -56,8 +58,12 @@ def config(schedule: str, points: list[float], glue_train: int, calibrate_epochs
             "grid": "lr=1e-3,bs=32",
             "epochs": 1,
             "max_train_examples": glue_train,
+            "threads": 2,
         },
     }
+    if teacher is not None:  # the second schedule distils from the first one's teacher
+        cfg["teacher"] = {"path": str(teacher)}
+    return cfg
 
 
 def charged(out: Path) -> dict[str, dict]:
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--points", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4])
     parser.add_argument("--glue-train", type=int, default=2000)
-    parser.add_argument("--calibrate-epochs", type=float, default=0.25)
+    parser.add_argument("--calibrate-epochs", type=float, default=0.2)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from budgetkd.experiment import compare
@@ -100,7 +106,10 @@ def main(argv=None) -> int:
     results = {}
     for schedule in ("linear", "wsd"):
         path = out / f"{schedule}.yaml"
-        path.write_text(yaml.safe_dump(config(schedule, args.points, args.glue_train, args.calibrate_epochs)))
+        teacher = None if schedule == "linear" else out / "linear" / "teacher" / "model"
+        path.write_text(
+            yaml.safe_dump(config(schedule, args.points, args.glue_train, args.calibrate_epochs, teacher))
+        )
         compare(path, out / schedule, progress=False)
         crossover = json.loads((out / schedule / "sweep" / "crossover.json").read_text())
         results[schedule] = {"charged": charged(out / schedule), "crossover": crossover}
