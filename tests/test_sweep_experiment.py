@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_experiment import base_config
 
 from budgetkd.config import validate_experiment
 from budgetkd.errors import BudgetKDError
@@ -20,40 +21,19 @@ pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is n
 
 
 def sweep_config(**changes) -> dict:
-    config = {
-        "name": "sweep-ci",
-        "seed": 0,
-        "data": {
-            "inputs": [str(SHARED / "corpus" / "wikitext-2-raw" / "wiki.valid.raw")],
-            "tokenizer": {"train": 1000},
-        },
-        "teacher": {
-            "pretrain": {
-                "student": {"layers": 2, "hidden": 64, "heads": 4},
-                "budget": "6steps",
-                "batch_size": 16,
-            }
-        },
-        "student": {"layers": 1, "hidden": 32, "heads": 4, "intermediate": 64},
-        "strategies": ["none", "minilm"],
-        # FLOPs: deterministic budgets, so a resumed sweep must equal an uninterrupted one
-        "budget": {
-            "calibrate": {"strategy": "none", "epochs": 0.2, "currency": "flops"},
-            "sweep": [0.25, 0.5, 1],
-            "schedule": "wsd",
-            "decay_fraction": 0.5,
-        },
-        "optimizer": {"batch_size": 16},
-        "training": {"num_evals": 1, "eval_sequences": 16, "dropout": 0.0, "checkpoint_every_steps": 1},
-        "glue": {
-            "dir": str(SHARED / "glue"),
-            "tasks": ["rte"],
-            "grid": "lr=1e-4,bs=32",
-            "epochs": 1,
-            "max_train_examples": 32,
-            "max_eval_examples": 48,
-        },
+    """``test_experiment``'s tiny compare, as a three-point wsd sweep of No-KD and MiniLM."""
+    config = base_config()
+    config["name"] = "sweep-ci"
+    config["strategies"] = ["none", "minilm"]
+    # FLOPs: deterministic budgets, so a resumed sweep must equal an uninterrupted one
+    config["budget"] = {
+        "calibrate": {"strategy": "none", "epochs": 0.2, "currency": "flops"},
+        "sweep": [0.25, 0.5, 1],
+        "schedule": "wsd",
+        "decay_fraction": 0.5,
     }
+    config["training"] = {"num_evals": 1, "eval_sequences": 16, "dropout": 0.0, "checkpoint_every_steps": 1}
+    config["glue"]["max_eval_examples"] = 48
     config = copy.deepcopy(config)
     for dotted, value in changes.items():
         node = config
