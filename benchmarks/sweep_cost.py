@@ -1,9 +1,10 @@
 """What a budget sweep costs with ``schedule: wsd`` against separate linear-decay runs, and how far
 the WSD points' Δ lie from the separately trained points' (issue 15, "Measured, not asserted").
 
-Runs the same sweep twice with ``budgetkd compare`` — once with the paper's linear schedule (every
-point its own run), once with WSD (one trunk per strategy, the other points branch from its
-snapshots) — and prints, per strategy, the charged FLOPs and time of the whole sweep as a multiple
+Runs the embedded ``demo-sweep`` config (all-MiniLM-L6-v2 teacher, 4 × 192 student, SST-2) on
+../shared/data twice with ``budgetkd compare`` — once with the paper's linear schedule (every point
+its own run), once with WSD (one trunk per strategy, the other points branch from its snapshots) —
+and prints, per strategy, the charged FLOPs and time of the whole sweep as a multiple
 of its largest point, and the Δ of every KD point under both schedules side by side.
 
     python benchmarks/sweep_cost.py --out /tmp/sweep-bench [--points 0.25 0.5 1 2 4]
@@ -17,53 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def config(
-    schedule: str, points: list[float], glue_train: int, calibrate_epochs: float, teacher=None
-) -> dict:
-    cfg = {
+def overrides(schedule: str, points: list[float], strategies: list[str]) -> dict:
+    """The embedded ``demo-sweep`` config on ../shared/data with the packaged teacher, under
+    ``schedule``: the same teacher (its head fit is deterministic), data, students and GLUE recipe."""
+    from budgetkd.demo import packaged_teacher
+
+    return {
         "name": f"sweep-{schedule}",
-        "seed": 0,
-        "data": {
-            "inputs": [str(SHARED / "corpus" / "wikitext-2-raw"), str(SHARED / "corpus" / "gutenberg")],
-            "tokenizer": {"train": 4000},
-        },
-        "teacher": {
-            "pretrain": {
-                "student": {"layers": 4, "hidden": 256, "heads": 4},
-                "budget": "150steps",
-                "batch_size": 32,
-            }
-        },
-        "student": {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512},
-        "strategies": ["none", "minilm"],
-        "budget": {
-            "calibrate": {"strategy": "none", "epochs": calibrate_epochs, "currency": "flops"},
-            "sweep": points,
-            "schedule": schedule,
-        },
-        "data_setting": "limited",
-        "optimizer": {"batch_size": 32},
-        "training": {"num_evals": 2, "eval_sequences": 128, "dropout": 0.0},
-        "glue": {
-            "dir": str(SHARED / "glue"),
-            "tasks": ["sst2"],
-            "grid": "lr=3e-4,bs=32",  # 1e-3 left these students at the majority class (50.9)
-            "epochs": 1,
-            "max_train_examples": glue_train,
-            "threads": 2,
-        },
+        "data.inputs": [str(SHARED / "corpus")],
+        "glue.dir": str(SHARED / "glue"),
+        "teacher.path": str(packaged_teacher()[0]),
+        "strategies": strategies,
+        "budget.sweep": points,
+        "budget.schedule": schedule,
     }
-    if teacher is not None:  # the second schedule distils from the first one's teacher
-        cfg["teacher"] = {"path": str(teacher)}
-    return cfg
 
 
 def charged(out: Path) -> dict[str, dict]:
@@ -95,26 +70,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--points", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4])
-    parser.add_argument("--glue-train", type=int, default=2000)
-    parser.add_argument("--calibrate-epochs", type=float, default=0.2)
+    parser.add_argument("--strategies", nargs="+", default=["none", "minilmv2"])
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
+    from budgetkd.demo import demo_config_path
     from budgetkd.experiment import compare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, wall = {}, {}
     for schedule in ("linear", "wsd"):
-        path = out / f"{schedule}.yaml"
-        teacher = None if schedule == "linear" else out / "linear" / "teacher" / "model"
-        path.write_text(
-            yaml.safe_dump(config(schedule, args.points, args.glue_train, args.calibrate_epochs, teacher))
+        started = time.perf_counter()
+        compare(
+            demo_config_path("demo-sweep"),
+            out / schedule,
+            overrides=overrides(schedule, args.points, args.strategies),
+            progress=False,
         )
-        compare(path, out / schedule, progress=False)
+        wall[schedule] = time.perf_counter() - started
         crossover = json.loads((out / schedule / "sweep" / "crossover.json").read_text())
         results[schedule] = {"charged": charged(out / schedule), "crossover": crossover}
     print(
-        f"sweep {args.points} × (none, minilm), FLOPs budgets (deterministic), SST-2 {args.glue_train} train / full dev"
+        f"demo-sweep: points {args.points} × 0.2 No-KD epoch (FLOPs), {' '.join(args.strategies)}, "
+        "all-MiniLM-L6-v2 teacher, 4 × 192 student, SST-2 4000 train / full dev"
+    )
+    print(
+        "wall-clock of each whole compare (data, head fit, pretraining, GLUE): "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items())
     )
     print(f"{'strategy':<10} {'schedule':<8} {'FLOPs / largest':>16} {'time / largest':>15}")
     for schedule, result in results.items():
@@ -137,6 +119,7 @@ def main(argv=None) -> int:
             print(
                 f"  crossover ({schedule}): {c.get('crossover')} [{c.get('low')}, {c.get('high')}] {c.get('text', '')}"
             )
+    results["wall_s"] = wall
     results["mean_abs_delta_gap"] = sum(abs(g) for g in gaps) / max(1, len(gaps))
     print(f"\nmean |Δ_wsd − Δ_linear| = {results['mean_abs_delta_gap']:.2f} points")
     (out / "sweep_cost.json").write_text(json.dumps(results, indent=1, default=str))

@@ -136,6 +136,7 @@ def test_shipped_configs_validate():
     names = sorted(p.name for p in configs.glob("*.yaml"))
     assert names == [
         "demo-self-teacher.yaml",
+        "demo-sweep.yaml",
         "demo.yaml",
         "paper-12l.yaml",
         "paper-6l-limited.yaml",

