@@ -278,3 +278,19 @@ def test_the_teacher_stage_checkpoints_like_every_other_stage(tmp_path, monkeypa
         compare(_write(tmp_path, config), tmp_path / "out", progress=False)
     teacher = seen["teacher"]
     assert (teacher.checkpoint_every_steps, teacher.checkpoint_interval_s) == (3, 42.0)
+
+
+def test_foreign_output_directories_are_refused_and_our_own_leftovers_are_not(tmp_path):
+    from budgetkd.experiment import _refuse_foreign
+
+    out = tmp_path / "out"
+    _refuse_foreign(out)  # absent: fine
+    out.mkdir()
+    for name in (".lock", "plan.json", ".budgetkd-write-check-x1y2", ".experiment.json.abc.tmp"):
+        (out / name).write_text("")
+    _refuse_foreign(out)  # what budgetkd ranks leave before experiment.json: fine
+    (out / "thesis.tex").write_text("")
+    with pytest.raises(BudgetKDError, match="not empty and holds no budgetkd experiment.*thesis.tex"):
+        _refuse_foreign(out)
+    (out / "experiment.json").write_text("{}")
+    _refuse_foreign(out)  # an experiment: resumed, whatever else lies beside it

@@ -832,6 +832,9 @@ def compare(
     if dist_utils.rank() == 0:
         for note in resolved.notes:
             print(f"[compare] note: {note}", flush=True)
+    # every rank has looked at --out before rank 0 writes into it (its lock, experiment.json's
+    # temp file): otherwise a slower rank can take rank 0's first files for a foreign directory
+    dist_utils.barrier()
     lock = DirectoryLock(out) if dist_utils.rank() == 0 else None
     if lock is not None:
         lock.acquire()
@@ -842,10 +845,21 @@ def compare(
             lock.release()
 
 
+def _ours(name: str) -> bool:
+    """What a budgetkd process leaves in a fresh --out before experiment.json exists: its lock, a
+    dry-run's plan, the write check of ``plan.check_output_dir`` (another rank's, in flight) and
+    the temp files of ``io.atomic_write``."""
+    return (
+        name in (".lock", "plan.json")
+        or name.startswith(".budgetkd-write-check-")
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
 def _refuse_foreign(out: Path) -> None:
     """An existing --out must be empty, a budgetkd experiment, or hold only a dry-run's plan."""
     if out.is_dir() and not any((out / name).exists() for name in ("state.json", "experiment.json")):
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in (".lock", "plan.json"))
+        foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
         if foreign:
             raise BudgetKDError(
                 f"--out {out} is not empty and holds no budgetkd experiment (found {foreign[0]!r}); "
