@@ -71,10 +71,15 @@ def _results(out: Path) -> dict:
     return {"runs": summaries, "crossover": crossover, "long": (out / "sweep" / "long.csv").read_text()}
 
 
-def test_sweep_runs_to_its_report_and_resumes_after_a_kill(tmp_path, monkeypatch):
+def test_sweep_runs_to_its_report_and_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
     config_path = _write(tmp_path, sweep_config())
     whole = tmp_path / "whole"
     compare(config_path, whole, progress=False)
+    # the plan and what the sweep costs come first, before any stage
+    printed = capsys.readouterr().out
+    assert printed.index("plan of experiment") < printed.index("stage data")
+    assert "sweep: 3 points (x0.25, x0.5, x1), schedule wsd" in printed
+    assert json.loads((whole / "plan.json").read_text())["sweep"]["points"]
     # every strategy at every point; with wsd the largest point is the trunk and keeps snapshots
     sweep = json.loads((whole / "sweep.json").read_text())
     assert sorted(sweep["students"]) == sorted(

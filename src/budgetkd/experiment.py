@@ -839,10 +839,22 @@ def compare(
     if lock is not None:
         lock.acquire()
     try:
+        if lock is not None and cfg["budget"].get("sweep"):
+            _print_plan(cfg, out, resolved)
         return Experiment(cfg, out, force=force, progress=progress).run()
     finally:
         if lock is not None:
             lock.release()
+
+
+def _print_plan(cfg: dict, out: Path, resolved) -> None:
+    """A sweep's cost before its first stage (issue 15): what will be trained, in FLOPs (hours
+    with ``--dry-run --probe``), and what the schedule saves; also written to DIR/plan.json."""
+    from budgetkd.plan import build_plan, render_plan, write_plan
+
+    plan = build_plan(cfg, out, resolved)
+    print(render_plan(plan), flush=True)
+    write_plan(plan, out / "plan.json")
 
 
 def _ours(name: str) -> bool:
