@@ -462,3 +462,53 @@ def test_which_students_train_their_mlm_head():
     for name in ("tinybert", "minilm", "minilmv2"):  # no run_config.json: the strategy's defaults
         assert not mlm_head_trained(name, None, None)
     assert mlm_head_trained("minilm", {"mlm_head_trained": True}, {"mlm_weight": 0.0})  # the run's own word
+
+
+@pytest.mark.parametrize(
+    "charge, want_vanilla, want_none",
+    [
+        # inference (also: no teacher_cost.json): the run's whole consumption; teacher = its forwards
+        (None, (100.0, 3e12, 50.0, 2e12), (100.0, 1e12, 0.0, 0.0)),
+        (
+            {"mode": "inference", "time_s": 0.0, "flops": 0.0},
+            (100.0, 3e12, 50.0, 2e12),
+            (100.0, 1e12, 0.0, 0.0),
+        ),
+        # free: the teacher's 50 s and 2e12 FLOPs are recorded but not charged
+        ({"mode": "free", "time_s": 0.0, "flops": 0.0}, (50.0, 1e12, 0.0, 0.0), (100.0, 1e12, 0.0, 0.0)),
+        # amortized 1/K: 7 s and 5e11 FLOPs on top of the forwards, for KD rows only
+        (
+            {"mode": "amortized", "time_s": 7.0, "flops": 5e11, "students": 4},
+            (107.0, 3.5e12, 57.0, 2.5e12),
+            (100.0, 1e12, 0.0, 0.0),
+        ),
+    ],
+)
+def test_charged_amounts_per_teacher_cost_mode(compare_dir: Path, charge, want_vanilla, want_none):
+    from budgetkd.report import budget_rows
+
+    rows = {b["label"]: b for b in budget_rows(collect(compare_dir), charge)}
+    for label, want in (("vanilla", want_vanilla), ("none", want_none)):
+        b = rows[label]
+        got = (
+            b["charged_time_s"],
+            b["charged_flops"],
+            b["teacher_charged_time_s"],
+            b["teacher_charged_flops"],
+        )
+        assert got == pytest.approx(want), label
+
+
+def test_the_budget_table_shows_each_rows_charge(compare_dir: Path):
+    charge = {"mode": "amortized", "time_s": 7.0, "flops": 5e11, "students": 4}
+    (compare_dir / "teacher_cost.json").write_text(json.dumps(charge))
+    write_report(compare_dir)
+    text = (compare_dir / "table.md").read_text().split("## Budget accounting")[1]
+    vanilla = next(line for line in text.splitlines() if line.startswith("| Vanilla-KD |"))
+    assert vanilla.startswith("| Vanilla-KD | 107.0 s | 3.5e+12 | 57.0 s, 2.5e+12 FLOPs |"), vanilla
+    assert "teacher_cost: amortized" in text
+    with open(compare_dir / "budget.csv", newline="") as handle:
+        rows = {r["label"]: r for r in csv.DictReader(handle)}
+    assert float(rows["vanilla"]["teacher_charged_flops"]) == pytest.approx(2.5e12)
+    assert float(rows["none"]["charged_time_s"]) == pytest.approx(100.0)
+    assert rows["none"]["teacher_cost"] == "amortized"

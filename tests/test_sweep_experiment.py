@@ -157,6 +157,8 @@ def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
         }
         results[name]["charge"] = json.loads((out / "teacher_cost.json").read_text())
         results[name]["teacher"] = json.loads((out / "teacher" / "summary.json").read_text())["consumed"]
+        with open(out / "budget.csv", newline="") as handle:
+            results[name]["table"] = {r["label"]: r for r in csv.DictReader(handle)}
     amount = 4e9
     # inference (the paper): the KD run pays its teacher's forward passes inside the budget
     inference = results["inference"]["minilm"]
@@ -176,6 +178,19 @@ def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
     assert amortized["charge"]["flops"] == pytest.approx(teacher_flops / 8)
     assert amortized["minilm"]["budget"]["amount"] == pytest.approx(amount - teacher_flops / 8)
     assert amortized["none"]["budget"]["amount"] == amount  # No-KD pays nothing for a teacher
+    # the table: every row is charged the one budget (to within its last step), whatever the mode
+    for name, result in results.items():
+        for label in ("none", "minilm"):
+            step = result[label]["consumed"]["flops"] / result[label]["consumed"]["steps"]
+            charged = float(result["table"][label]["charged_flops"])
+            assert amount <= charged < amount + step, (name, label)
+        kd = result["table"]["minilm"]
+        want = {
+            "inference": result["minilm"]["consumed"]["flops_teacher"],
+            "free": 0.0,
+            "amortized": result["minilm"]["consumed"]["flops_teacher"] + teacher_flops / 8,
+        }[name]
+        assert float(kd["teacher_charged_flops"]) == pytest.approx(want), name
     # the teacher's cost never changes what No-KD does
     for mode in ("free", "amortized"):
         for key in ("flops", "tokens", "steps"):

@@ -8,9 +8,11 @@ Reads ``DIR/experiment.json``, ``DIR/runs/<label>/{summary,run_config}.json``,
   Δ = Avg − Avg(No-KD) with its 95 % interval, then the tasks shown beside the average (MNLI-mm,
   STS-B = mean of Pearson and Spearman); scores ×100, "–" = not evaluated; with several GLUE seeds
   each cell is mean ± sample std over seeds;
-* ``budget.csv`` (and a second table in ``table.md``) — charged time, FLOPs with the teacher's
-  share, tokens, epochs, tokens/s, the No-KD/KD throughput ratio and the final validation MLM loss
-  (only where the student's MLM head trains);
+* ``budget.csv`` (and a second table in ``table.md``) — what each row was charged in time and
+  FLOPs and what of it was the teacher's, under the experiment's ``teacher_cost``
+  (:func:`charged_amounts`), the teacher's share of what ran, tokens, epochs, tokens/s, the
+  No-KD/KD throughput ratio and the final validation MLM loss (only where the student's MLM head
+  trains);
 * ``plots/glue_scores.png``, ``plots/val_loss.png``, ``plots/tokens.png``.
 
 Avg of a row is the plain mean of its scores on the Avg tasks it has. Δ of a row is computed over
@@ -730,19 +732,20 @@ def render_markdown(table: dict, budget_rows: list[dict]) -> str:
     lines += [
         "## Budget accounting",
         "",
-        "| Strategy | Charged time | FLOPs | Teacher share of FLOPs | Teacher share of time | Tokens | Epochs "
-        "| Tokens/s | No-KD/KD throughput | Val MLM loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Strategy | Charged time | Charged FLOPs | Teacher charged | Teacher share of FLOPs "
+        "| Teacher share of time | Tokens | Epochs | Tokens/s | No-KD/KD throughput | Val MLM loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in budget_rows:
         ratio = "–" if b["throughput_ratio"] is None else f"{b['throughput_ratio']:.2f}×"
         loss = "—" if b["val_mlm_loss"] is None else f"{b['val_mlm_loss']:.3f}"
         lines.append(
-            f"| {b['display']} | {b['time_s']:.1f} s | {b['flops']:.3g} | {100 * b['flops_teacher_share']:.1f} % "
-            f"| {100 * b['time_teacher_share']:.1f} % | {_fmt_tokens(b['tokens'])} | {b['epochs']:.3f} "
-            f"| {b['tokens_per_s']:,.0f} | {ratio} | {loss} |"
+            f"| {b['display']} | {b['charged_time_s']:.1f} s | {b['charged_flops']:.3g} "
+            f"| {b['teacher_charged_time_s']:.1f} s, {b['teacher_charged_flops']:.3g} FLOPs "
+            f"| {100 * b['flops_teacher_share']:.1f} % | {100 * b['time_teacher_share']:.1f} % "
+            f"| {_fmt_tokens(b['tokens'])} | {b['epochs']:.3f} | {b['tokens_per_s']:,.0f} | {ratio} | {loss} |"
         )
-    lines.append("")
+    lines += ["", _charge_note(budget_rows), ""]
     if untrained:
         lines += [
             f"— : {', '.join(untrained)} train with MLM weight 0, so the student's MLM head is never trained "
@@ -752,6 +755,23 @@ def render_markdown(table: dict, budget_rows: list[dict]) -> str:
     lines += ["![GLUE scores](plots/glue_scores.png)", "", "![Validation loss](plots/val_loss.png)", ""]
     lines += ["![Tokens processed](plots/tokens.png)", ""]
     return "\n".join(lines)
+
+
+def _charge_note(budget_rows: list[dict]) -> str:
+    """What "charged" means under the experiment's teacher_cost (SPEC §7a)."""
+    mode = budget_rows[0]["teacher_cost"] if budget_rows else "inference"
+    shares = "Teacher share of FLOPs / time: the teacher's part of what ran, charged or not."
+    if mode == "free":
+        return (
+            "teacher_cost: free — only the student's compute is charged; the teacher's forward "
+            f"passes are recorded, not charged. {shares}"
+        )
+    if mode == "amortized":
+        return (
+            "teacher_cost: amortized — each KD row is charged the teacher's forward passes plus 1/K "
+            f"of the teacher's pretraining (teacher_cost.json), taken off its budget. {shares}"
+        )
+    return f"teacher_cost: inference (the paper) — the teacher's forward passes are charged to the KD rows. {shares}"
 
 
 def _pct(value: float | None) -> float | None:
@@ -826,7 +846,45 @@ def _final_val_mlm_loss(summary: dict) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def budget_rows(data: dict) -> list[dict]:
+def charged_amounts(strategy: str, summary: dict, charge: dict | None) -> dict:
+    """What a row was charged (SPEC §7a ``teacher_cost``), in seconds and FLOPs.
+
+    charged = run − teacher forward passes (``free`` only) + amortized share (KD rows, ``amortized``)
+    teacher charged = teacher forward passes (unless ``free``) + amortized share
+
+    ``charge`` is DIR/teacher_cost.json (absent: the paper's ``inference``); whether a run charged its
+    teacher's forward passes is recorded in its summary (``charged.teacher_forward``)."""
+    consumed = summary["consumed"]
+    mode = (charge or {}).get("mode", "inference")
+    forward = (summary.get("charged") or {}).get("teacher_forward", mode != "free")
+    kd = strategy != "none"
+    share_t = float((charge or {}).get("time_s", 0.0)) if kd else 0.0
+    share_f = float((charge or {}).get("flops", 0.0)) if kd else 0.0
+    teacher_t = consumed["time_teacher_s"] if forward else 0.0
+    teacher_f = consumed["flops_teacher"] if forward else 0.0
+    return {
+        "teacher_cost": mode,
+        "charged_time_s": consumed["time_s"] - consumed["time_teacher_s"] + teacher_t + share_t,
+        "charged_flops": consumed["flops"] - consumed["flops_teacher"] + teacher_f + share_f,
+        "teacher_charged_time_s": teacher_t + share_t,
+        "teacher_charged_flops": teacher_f + share_f,
+    }
+
+
+def read_teacher_charge(out: Path) -> dict | None:
+    """DIR/teacher_cost.json (written by compare), or None."""
+    path = out / "teacher_cost.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _malformed("teacher cost", path, str(exc)) from None
+
+
+def budget_rows(data: dict, charge: dict | None = None) -> list[dict]:
+    """One row per run: its consumption, what it was charged (:func:`charged_amounts`), the
+    No-KD/KD throughput ratio and the final validation MLM loss."""
     rows = [r for r in data["rows"] if r["summary"]]
     base = next((r for r in rows if r["strategy"] == "none"), None)
     base_tps = base["summary"]["consumed"]["tokens_per_s"] if base else None
@@ -841,6 +899,7 @@ def budget_rows(data: dict) -> list[dict]:
                 "display": row["display"],
                 "label": row["label"],
                 **consumed,
+                **charged_amounts(row["strategy"], row["summary"], charge),
                 "throughput_ratio": ratio,
                 "stopped_by": row["summary"].get("stopped_by"),
                 "mlm_head_trained": trained,
@@ -854,6 +913,11 @@ def render_budget_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     keys = [
         "label",
+        "teacher_cost",
+        "charged_time_s",
+        "charged_flops",
+        "teacher_charged_time_s",
+        "teacher_charged_flops",
         "time_s",
         "time_teacher_s",
         "flops",
@@ -995,7 +1059,7 @@ def write_report(
     )
     data = collect(out)
     table = build_table(data, settings)
-    budgets = budget_rows(data)
+    budgets = budget_rows(data, read_teacher_charge(out))
     written = []
     for name, text in (
         ("table.md", render_markdown(table, budgets)),

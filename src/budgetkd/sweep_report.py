@@ -246,7 +246,7 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         ]
         data = {"rows": rows}
         table = report.build_table(data, settings)
-        budgets = report.budget_rows(data)
+        budgets = report.budget_rows(data, sweep.get("teacher_cost"))
         point = students[ids[0]]["point_amount"]
         written.append(write_text(out / "sweep" / f"table-{tag}.md", report.render_markdown(table, budgets)))
         written.append(write_text(out / "sweep" / f"table-{tag}.csv", report.render_csv(table)))

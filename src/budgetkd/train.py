@@ -1072,6 +1072,12 @@ class Pretrainer:
             "max_epochs": self.config.max_epochs,
             "mlm_head_trained": self.mlm_head_trained,
             "consumed": consumed,
+            # what the budget was charged (teacher_cost free: the teacher's forward passes are not)
+            "charged": {
+                "teacher_forward": self.meter.charge_teacher,
+                "time_s": self.meter.consumed("time"),
+                "flops": self.meter.consumed("flops"),
+            },
             "tokens_per_s": consumed["tokens_per_s"],
             "val_mlm_loss": final.get("val_mlm_loss"),
             "val_loss": final.get("val_loss"),
