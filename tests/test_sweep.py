@@ -203,3 +203,12 @@ def test_wsd_refusals(make_config, tmp_path):
         pretrain(make_config(tmp_path / "b", schedule="cosine"))
     with pytest.raises(BudgetKDError, match="inside the run's budget"):
         pretrain(make_config(tmp_path / "c", schedule="wsd", snapshots=[9.0]))
+
+
+def test_budget_axis_units_follow_the_sweeps_size():
+    from budgetkd.sweep_report import axis_unit
+
+    assert axis_unit("time", 90.0) == ("seconds", 1.0)
+    assert axis_unit("time", 1920.0) == ("minutes", 1 / 60)  # 32 min on the axis, not 0.53 h
+    assert axis_unit("time", 4 * 3600.0) == ("hours", 1 / 3600)
+    assert axis_unit("flops", 1e9) == ("FLOPs", 1.0)

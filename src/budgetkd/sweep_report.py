@@ -33,6 +33,17 @@ UNITS = {
 }
 
 
+def axis_unit(currency: str, largest: float) -> tuple[str, float]:
+    """(unit, scale) for a budget axis: time in hours, or minutes / seconds when the largest point
+    is under an hour / two minutes (a laptop sweep reads 2–32 min, not 0.03–0.53 h)."""
+    if currency == "time":
+        if largest < 120:
+            return "seconds", 1.0
+        if largest < 3600:
+            return "minutes", 1 / 60
+    return UNITS.get(currency, (currency, 1.0))
+
+
 def read_sweep(out: Path) -> dict:
     """``DIR/sweep.json`` as written by ``compare`` (points, students, currency)."""
     path = out / "sweep.json"
@@ -130,7 +141,9 @@ def plot_sweep(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    unit, scale = UNITS.get(currency, (currency, 1.0))
+    largest = max((max(c["budgets"]) for c in curves.values() if c["budgets"]), default=0.0)
+    largest = max([largest] + [v[0] for a in averages.values() for v in a["values"]])
+    unit, scale = axis_unit(currency, largest)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     written = []
@@ -324,6 +337,8 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         "![Avg against budget](plots/avg_vs_budget.png)",
         "",
     ]
+    if by_students:
+        sections += ["![Crossover against K](plots/crossover_vs_students.png)", ""]
     written.append(write_text(out / "sweep.md", "\n".join(sections)))
     return written
 
