@@ -512,3 +512,37 @@ def test_the_budget_table_shows_each_rows_charge(compare_dir: Path):
     assert float(rows["vanilla"]["teacher_charged_flops"]) == pytest.approx(2.5e12)
     assert float(rows["none"]["charged_time_s"]) == pytest.approx(100.0)
     assert rows["none"]["teacher_cost"] == "amortized"
+
+
+def test_the_teachers_preparation_is_reported_not_charged(compare_dir: Path):
+    (compare_dir / "teacher").mkdir()
+    head_fit = {
+        "kind": "fitted_mlm_head",
+        "source": "all-MiniLM-L6-v2",
+        "consumed": {"steps": 80, "time_s": 55.04, "flops": 1.08e13, "tokens": 327_680},
+        "initial_val_mlm_loss": 7.62,
+        "val_mlm_loss": 6.855,
+        "unigram_val_mlm_loss": 6.983,
+    }
+    (compare_dir / "teacher" / "summary.json").write_text(json.dumps(head_fit))
+    write_report(compare_dir)
+    text = (compare_dir / "table.md").read_text()
+    assert (
+        "Teacher preparation — an MLM head fitted on all-MiniLM-L6-v2: 80 steps, 55.0 s, 1.08e+13 FLOPs, "
+        "327.7K tokens; validation MLM loss 7.620 → 6.855 (unigram 6.983); charged to no student." in text
+    )
+    # a teacher budgetkd pretrained, amortized over K = 4 students
+    pretrained = {
+        "consumed": {"steps": 600, "time_s": 580.0, "flops": 2e15, "tokens": 2_457_600},
+        "val_mlm_loss": 6.57,
+    }
+    (compare_dir / "teacher" / "summary.json").write_text(json.dumps(pretrained))
+    (compare_dir / "teacher_cost.json").write_text(
+        json.dumps({"mode": "amortized", "time_s": 145.0, "flops": 5e14, "students": 4})
+    )
+    write_report(compare_dir)
+    assert (
+        "Teacher preparation — pretrained by budgetkd: 600 steps, 580.0 s, 2e+15 FLOPs, 2.5M tokens; "
+        "validation MLM loss 6.570; each KD row is charged 1/4 of the teacher's pretraining"
+        in (compare_dir / "table.md").read_text()
+    )

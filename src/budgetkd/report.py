@@ -713,7 +713,7 @@ def table_notes(table: dict) -> list[str]:
     return notes
 
 
-def render_markdown(table: dict, budget_rows: list[dict]) -> str:
+def render_markdown(table: dict, budget_rows: list[dict], teacher_note: str | None = None) -> str:
     avg_titles = [c.title for c in table["avg_columns"]]
     extra_titles = [c.title for c in table["extra_columns"]]
     titles = ["Strategy", "Total tokens", *avg_titles, "Avg", "Δ [95 % CI]", *extra_titles]
@@ -746,6 +746,8 @@ def render_markdown(table: dict, budget_rows: list[dict]) -> str:
             f"| {_fmt_tokens(b['tokens'])} | {b['epochs']:.3f} | {b['tokens_per_s']:,.0f} | {ratio} | {loss} |"
         )
     lines += ["", _charge_note(budget_rows), ""]
+    if teacher_note:
+        lines += [teacher_note, ""]
     if untrained:
         lines += [
             f"— : {', '.join(untrained)} train with MLM weight 0, so the student's MLM head is never trained "
@@ -755,6 +757,48 @@ def render_markdown(table: dict, budget_rows: list[dict]) -> str:
     lines += ["![GLUE scores](plots/glue_scores.png)", "", "![Validation loss](plots/val_loss.png)", ""]
     lines += ["![Tokens processed](plots/tokens.png)", ""]
     return "\n".join(lines)
+
+
+def read_teacher_preparation(out: Path) -> dict | None:
+    """DIR/teacher/summary.json: the teacher budgetkd prepared (pretrained, or fitted an MLM head
+    on), or None when the teacher was used as given."""
+    path = out / "teacher" / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _malformed("teacher summary", path, str(exc)) from None
+
+
+def teacher_preparation_note(summary: dict | None, charge: dict | None) -> str | None:
+    """One line on what preparing the teacher cost (SPEC §7a: reported, charged to no student
+    unless teacher_cost is amortized)."""
+    if not summary or "consumed" not in summary:
+        return None
+    c = summary["consumed"]
+    amortized = (charge or {}).get("mode") == "amortized"
+    charged = (
+        f"each KD row is charged 1/{charge.get('students')} of the teacher's pretraining (teacher_cost: amortized)"
+        if amortized
+        else "charged to no student"
+    )
+    cost = f"{c['steps']:,} steps, {c['time_s']:.1f} s, {c['flops']:.3g} FLOPs, {_fmt_tokens(c['tokens'])} tokens"
+    if summary.get("kind") == "fitted_mlm_head":
+        losses = ""
+        if summary.get("initial_val_mlm_loss") is not None and summary.get("val_mlm_loss") is not None:
+            losses = (
+                f"; validation MLM loss {summary['initial_val_mlm_loss']:.3f} → {summary['val_mlm_loss']:.3f}"
+            )
+            if summary.get("unigram_val_mlm_loss") is not None:
+                losses += f" (unigram {summary['unigram_val_mlm_loss']:.3f})"
+        return (
+            f"Teacher preparation — an MLM head fitted on {summary.get('source')}: {cost}{losses}; {charged}."
+        )
+    loss = (
+        "" if summary.get("val_mlm_loss") is None else f"; validation MLM loss {summary['val_mlm_loss']:.3f}"
+    )
+    return f"Teacher preparation — pretrained by budgetkd: {cost}{loss}; {charged}."
 
 
 def _charge_note(budget_rows: list[dict]) -> str:
@@ -1060,10 +1104,12 @@ def write_report(
     )
     data = collect(out)
     table = build_table(data, settings)
-    budgets = budget_rows(data, read_teacher_charge(out))
+    charge = read_teacher_charge(out)
+    budgets = budget_rows(data, charge)
+    note = teacher_preparation_note(read_teacher_preparation(out), charge)
     written = []
     for name, text in (
-        ("table.md", render_markdown(table, budgets)),
+        ("table.md", render_markdown(table, budgets, note)),
         ("table.csv", render_csv(table)),
         ("table.tex", render_tex(table)),
         ("budget.csv", render_budget_csv(budgets)),

@@ -249,6 +249,9 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     curves: dict[str, dict] = {}
     averages: dict[str, dict] = {}
     sections = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
+    teacher_note = report.teacher_preparation_note(
+        report.read_teacher_preparation(out), sweep.get("teacher_cost")
+    )
     for tag in sweep["points"]:
         ids = [sid for sid, st in students.items() if st["tag"] == tag]
         rows = [
@@ -261,7 +264,11 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         table = report.build_table(data, settings)
         budgets = report.budget_rows(data, sweep.get("teacher_cost"))
         point = students[ids[0]]["point_amount"]
-        written.append(write_text(out / "sweep" / f"table-{tag}.md", report.render_markdown(table, budgets)))
+        written.append(
+            write_text(
+                out / "sweep" / f"table-{tag}.md", report.render_markdown(table, budgets, teacher_note)
+            )
+        )
         written.append(write_text(out / "sweep" / f"table-{tag}.csv", report.render_csv(table)))
         sections += [f"## {tag}: {point:g} {currency}", ""]
         sections += _compact_table(table)
