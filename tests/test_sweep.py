@@ -93,6 +93,28 @@ def test_crossover_interval_open_when_resamples_stay_positive():
     assert none["crossover"] is None and none["text"].startswith("no crossover between 1 and 100")
 
 
+def test_crossover_interval_follows_the_observed_direction():
+    budgets = [1.0, 2.0, 4.0]
+    # KD starts paying: Δ from −1 to +1 between 1 and 2 crosses at 2^(1/2) = 1.414 (log-linear);
+    # half the resamples have KD ahead from the smallest budget on, so their crossover lies *below*
+    # the range: the interval is open below and ends at 1.414, not the other way round
+    samples = np.array([[-1.0, 1.0, 2.0]] * 5 + [[0.5, 1.0, 2.0]] * 5)
+    result = crossover_with_interval(budgets, [-1.0, 1.0, 2.0], samples)
+    assert result["direction"] == "kd_starts_paying"
+    assert result["crossover"] == pytest.approx(2**0.5)
+    assert result["low"] is None and result["high"] == pytest.approx(2**0.5)
+    # KD stops paying at 2·2^(1/2) = 2.83 (Δ +1 → −1 between 2 and 4); a resample that first starts
+    # paying at 1.414 and then stops at 2.83 contributes 2.83, its crossing in the observed direction
+    samples = np.array([[1.0, 1.0, -1.0]] * 5 + [[-1.0, 1.0, -1.0]] * 5)
+    result = crossover_with_interval(budgets, [1.0, 1.0, -1.0], samples)
+    assert result["direction"] == "kd_stops_paying"
+    assert result["low"] == pytest.approx(2 * 2**0.5) and result["high"] == pytest.approx(2 * 2**0.5)
+    # KD behind throughout: no crossover; resamples behind throughout lie below the range
+    behind = crossover_with_interval(budgets, [-1.0, -2.0, -3.0], np.array([[-1.0, -2.0, -3.0]] * 4))
+    assert behind["crossover"] is None and behind["text"].endswith("(KD behind throughout)")
+    assert behind["low"] is None and behind["high"] is None and behind["no_crossover_share"] == 1.0
+
+
 def test_teacher_charge_modes():
     assert teacher_charge("inference")["time_s"] == 0.0
     assert teacher_charge("inference")["charge_forward"] is True
@@ -212,3 +234,26 @@ def test_budget_axis_units_follow_the_sweeps_size():
     assert axis_unit("time", 1920.0) == ("minutes", 1 / 60)  # 32 min on the axis, not 0.53 h
     assert axis_unit("time", 4 * 3600.0) == ("hours", 1 / 3600)
     assert axis_unit("flops", 1e9) == ("FLOPs", 1.0)
+
+
+def test_crossover_text_names_direction_unit_and_interval():
+    from budgetkd.sweep_report import _crossover_text
+
+    entry = {
+        "points": [{"budget": 600.0}, {"budget": 2400.0}],
+        "crossover": 1200.0,
+        "direction": "kd_stops_paying",
+        "low": 900.0,
+        "high": None,
+        "resamples": 2000,
+    }
+    assert _crossover_text(entry, "time") == "KD stops paying at 20 minutes (95 % interval 15 minutes – open)"
+    none = {
+        "points": [{"budget": 1e12}, {"budget": 4e12}],
+        "crossover": None,
+        "text": "no crossover between 1e+12 and 4e+12 (KD ahead throughout)",
+        "no_crossover_share": 0.9,
+    }
+    assert _crossover_text(none, "flops").endswith(
+        "(KD ahead throughout); 10 % of the bootstrap resamples cross inside it"
+    )

@@ -139,30 +139,39 @@ def crossover_with_interval(
     """The crossover of the observed Δ and a percentile interval from bootstrap samples.
 
     ``delta_samples``: shape (resamples, points), Δ of each bootstrap resample at every point (the
-    same resampled dev examples at every point). A resample without a crossover in the swept range
-    lies beyond it: above the largest budget when its Δ stays positive (KD pays throughout), below
-    the smallest when it stays negative. The interval is the percentile interval of the log
-    crossover over all resamples; a bound that falls beyond the range is open (None).
+    same resampled dev examples at every point). The interval is of the crossover *in the observed
+    direction*: where KD stops paying (Δ from > 0 to < 0; also when Δ never changes sign), or where
+    it starts paying, if that is the observed first crossing. Each resample contributes its first
+    crossing in that direction; one without such a crossing lies beyond the range, on the side its
+    Δ says: for "stops paying", above the largest budget when its Δ there is still > 0, else below
+    the smallest; for "starts paying", below the smallest budget when its Δ there is already > 0,
+    else above the largest. The interval is the percentile interval of the log crossover over all
+    resamples; a bound that falls beyond the range is open (None).
     """
     samples = np.asarray(delta_samples, dtype=float)
     if samples.ndim != 2 or samples.shape[1] != len(budgets):
         raise BudgetKDError("bootstrap samples must have one column per budget")
     lo_b, hi_b = float(min(budgets)), float(max(budgets))
+    observed = crossings(budgets, deltas)
+    direction = observed[0].direction if observed else "kd_stops_paying"
 
     def log_crossover(row) -> float:
-        found = first_crossover(budgets, row)
-        if found is not None:
-            return math.log(found)
-        return math.inf if float(np.mean(row)) > 0 else -math.inf
+        found = [c for c in crossings(budgets, row) if c.direction == direction]
+        if found:
+            return math.log(found[0].budget)
+        if direction == "kd_stops_paying":
+            return math.inf if row[-1] > 0 else -math.inf
+        return -math.inf if row[0] > 0 else math.inf
 
     values = np.array([log_crossover(row) for row in samples])
     tail = (1.0 - level) / 2.0
     low, high = (
         np.quantile(values, [tail, 1.0 - tail], method="inverted_cdf") if len(values) else (np.nan, np.nan)
     )
-    estimate = first_crossover(budgets, deltas)
+    estimate = observed[0].budget if observed else None
     result = {
         "crossover": estimate,
+        "direction": direction,
         "low": float(math.exp(low)) if np.isfinite(low) else None,
         "high": float(math.exp(high)) if np.isfinite(high) else None,
         "level": level,
@@ -171,9 +180,13 @@ def crossover_with_interval(
         "range": [lo_b, hi_b],
     }
     if estimate is None:
-        side = "KD ahead" if float(np.mean(deltas)) > 0 else "KD behind"
-        result["text"] = f"no crossover between {lo_b:g} and {hi_b:g} ({side} throughout)"
+        result["text"] = no_crossover_text(budgets, deltas)
     return result
+
+
+def no_crossover_text(budgets: Sequence[float], deltas: Sequence[float]) -> str:
+    side = "KD ahead" if float(np.mean(deltas)) > 0 else "KD behind"
+    return f"no crossover between {min(budgets):g} and {max(budgets):g} ({side} throughout)"
 
 
 # -- the teacher's cost ---------------------------------------------------------------------------

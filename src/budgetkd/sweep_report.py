@@ -23,7 +23,7 @@ import numpy as np
 
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_write_json, atomic_write_text, read_json
-from budgetkd.sweep import crossings, crossover_with_interval
+from budgetkd.sweep import crossings, crossover_with_interval, no_crossover_text
 
 UNITS = {
     "time": ("hours", 1 / 3600),
@@ -100,9 +100,14 @@ def crossover_summary(
     from the bootstrap samples of Δ (one column per point) when there are any."""
     if samples is None or len(samples) == 0:
         found = crossings(budgets, deltas)
-        result = {"crossover": found[0].budget if found else None, "low": None, "high": None}
+        result = {
+            "crossover": found[0].budget if found else None,
+            "direction": found[0].direction if found else "kd_stops_paying",
+            "low": None,
+            "high": None,
+        }
         if not found:
-            result["text"] = f"no crossover between {min(budgets):g} and {max(budgets):g}"
+            result["text"] = no_crossover_text(budgets, deltas)
         return result
     return crossover_with_interval(budgets, deltas, samples, level)
 
@@ -369,11 +374,21 @@ def _compact_table(table: dict) -> list[str]:
 
 
 def _crossover_text(entry: dict, currency: str) -> str:
+    """``KD stops paying at 1.2e+13 FLOPs (95 % interval 8e+12 – open)``, or the no-crossover text
+    with how many resamples did cross inside the range."""
+    points = [p["budget"] for p in entry.get("points", [])]
+    unit, scale = axis_unit(currency, max(points, default=0.0))
+    fmt = lambda v: f"{v * scale:.3g} {unit}"  # noqa: E731
     if entry.get("crossover") is None:
-        return entry.get("text", "no crossover in the swept range")
-    text = f"crossover at {entry['crossover']:.4g} {currency}"
-    if entry.get("low") is not None or entry.get("high") is not None:
-        low = "open" if entry.get("low") is None else f"{entry['low']:.4g}"
-        high = "open" if entry.get("high") is None else f"{entry['high']:.4g}"
+        text = entry.get("text", "no crossover in the swept range")
+        share = entry.get("no_crossover_share")
+        if share is not None and share < 1:
+            text += f"; {100 * (1 - share):.0f} % of the bootstrap resamples cross inside it"
+        return text
+    verb = "starts" if entry.get("direction") == "kd_starts_paying" else "stops"
+    text = f"KD {verb} paying at {fmt(entry['crossover'])}"
+    if entry.get("low") is not None or entry.get("high") is not None or entry.get("resamples"):
+        low = "open" if entry.get("low") is None else fmt(entry["low"])
+        high = "open" if entry.get("high") is None else fmt(entry["high"])
         text += f" (95 % interval {low} – {high})"
     return text
