@@ -257,3 +257,11 @@ def test_crossover_text_names_direction_unit_and_interval():
     assert _crossover_text(none, "flops").endswith(
         "(KD ahead throughout); 10 % of the bootstrap resamples cross inside it"
     )
+
+
+def test_budget_tags_are_short_unless_they_collide():
+    from budgetkd.sweep import budget_tags
+
+    assert budget_tags(["3600.0s", "100000000.0tokens"]) == ["3600s", "1e+08tokens"]
+    # %g keeps 6 digits: 1000001 and 1000002 tokens would share "1e+06tokens"
+    assert budget_tags(["1000001.0tokens", "1000002.0tokens"]) == ["1000001.0tokens", "1000002.0tokens"]

@@ -209,6 +209,10 @@ def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
         ({"teacher_cost": "cheap"}, "teacher_cost"),
         ({"teacher_cost": {"amortized": {"students": 0}}}, "positive integer"),
         ({"teacher_cost": {"amortized": {"pretraining": "10steps", "students": 2}}}, "time or FLOPs"),
+        # a charge in hours against a FLOPs budget would be a charge of 0 FLOPs
+        ({"teacher_cost": {"amortized": {"pretraining": "1h", "students": 2}}}, "budget's currency, flops"),
+        ({"budget.sweep": ["1e9flops", "2e9flops"]}, "goes without budget.calibrate"),
+        ({"strategies": ["minilm"], "budget.calibrate.strategy": "none"}, "needs the strategy none"),
     ],
 )
 def test_sweep_config_errors(changes, message):
@@ -275,3 +279,41 @@ def test_wsd_sweep_on_four_ranks_gives_the_one_process_sweep(tmp_path):
         tmp_path / "one" / "sweep" / "long.csv"
     ).read_text()
     assert "Traceback" not in output
+
+
+def test_a_sweep_of_given_budgets_needs_no_base_and_keeps_every_digit():
+    config = sweep_config()
+    config["budget"] = {"sweep": ["2469134s", "1234567s"], "schedule": "wsd"}
+    cfg = validate_experiment(config)
+    assert cfg["budget"]["sweep"] == {"kind": "budgets", "points": ["1234567.0s", "2469134.0s"]}
+    assert cfg["budget"]["explicit"] == "2469134s"  # the largest point stands for the base budget
+    config["budget"] = {"sweep": ["1000001tokens", "1000002tokens"]}  # distinct beyond %g's 6 digits
+    assert validate_experiment(config)["budget"]["sweep"]["points"] == ["1000001.0tokens", "1000002.0tokens"]
+
+
+def test_a_sweep_beyond_the_data_limit_is_refused_before_any_stage(tmp_path):
+    # unlimited data: every run stops at one epoch; wiki.valid.raw holds ~0.25 M tokens
+    config = sweep_config(**{"data_setting": "unlimited"})
+    config["budget"] = {"sweep": ["1e5tokens", "1e8tokens"], "schedule": "wsd"}
+    out = tmp_path / "out"
+    with pytest.raises(
+        BudgetKDError, match=r"none@1e\+08tokens needs \d+\.\d+ epochs of the corpus \(estimated\)"
+    ):
+        compare(_write(tmp_path, config), out, progress=False)
+    assert not (out / "data").exists() and not (out / "state.json").exists()
+
+
+def test_a_branch_without_its_snapshot_says_why(tmp_path):
+    from budgetkd.experiment import _check_branch_point
+
+    trunk = tmp_path / "runs" / "none@1e+08tokens"
+    (trunk / "snapshots").mkdir(parents=True)
+    entry = {"id": "none@1e+05tokens", "schedule": {"init_from": str(trunk / "snapshots" / "at-80000.0.pt")}}
+    with pytest.raises(BudgetKDError, match="which its trunk none@1e\\+08tokens never wrote"):
+        _check_branch_point(entry)
+    (trunk / "summary.json").write_text(json.dumps({"stopped_by": "data limit", "consumed": {"epochs": 1.0}}))
+    with pytest.raises(BudgetKDError, match="stopped at the data limit"):
+        _check_branch_point(entry)
+    (trunk / "snapshots" / "at-80000.0.pt").write_bytes(b"")
+    _check_branch_point(entry)  # there: fine
+    _check_branch_point({"id": "none@x1", "schedule": {}})  # not a branch

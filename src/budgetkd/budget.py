@@ -90,6 +90,13 @@ class Budget:
             return f"{self.amount:g}s"
         return f"{self.amount:g}{self.currency}"
 
+    def exact_text(self) -> str:
+        """The budget as text without rounding (``repr`` of the amount: ``1234567.0s``,
+        ``3e+16flops``), for budgets that are stored and parsed again (``str`` keeps 6 digits)."""
+        unit = {"time": "s"}.get(self.currency, self.currency)
+        amount = int(self.amount) if self.currency == "steps" else self.amount
+        return f"{amount!r}{unit}"
+
     def to_dict(self) -> dict:
         return {"currency": self.currency, "amount": self.amount, "text": str(self)}
 

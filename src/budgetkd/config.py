@@ -27,7 +27,8 @@ Schema (defaults in brackets)::
     budget:                                     exactly one of calibrate / explicit
       calibrate: {strategy: none, epochs: float [1], currency: time | flops [time]}
       explicit: BUDGET                          e.g. 4h, 2.5e15flops
-      sweep: [float, …] | [BUDGET, …]          [none] multiples of that budget, or budgets
+      sweep: [float, …] | [BUDGET, …]          [none] multiples of that budget, or budgets (these
+                                                alone: no calibrate/explicit); needs strategy none
       schedule: linear | wsd                    [linear] wsd: the sweep's points share a trunk
       decay_fraction: float                     [0.2]  wsd: decay over the last fraction
     report: {avg_tasks: paper | all | [task, …] [paper], bootstrap_samples [2000], bootstrap_seed [0]}
@@ -411,6 +412,16 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
             f"unknown config key budget.{sorted(unknown)[0]!r} "
             "(known: calibrate, explicit, sweep, schedule, decay_fraction)"
         )
+    listed = budget.get("sweep")
+    if (
+        "calibrate" not in budget
+        and "explicit" not in budget
+        and isinstance(listed, list)
+        and len(listed) >= 2
+        and not any(isinstance(p, _NUMBER) for p in listed)
+    ):
+        # a sweep of given budgets needs no base budget: the largest point stands for it
+        budget = {**budget, "explicit": max(listed, key=lambda p: _budget(p, "budget.sweep").amount)}
     if ("calibrate" in budget) == ("explicit" in budget):
         raise BudgetKDError("config key 'budget' needs exactly one of 'calibrate' and 'explicit'")
     if "calibrate" in budget:
@@ -438,6 +449,16 @@ def validate_experiment(raw: dict, default_name: str = "experiment") -> dict:
         _budget(explicit, "budget.explicit")
         cfg["budget"] = {"explicit": str(explicit)}
     cfg["budget"].update(_sweep_settings(budget))
+    sweep = cfg["budget"]["sweep"]
+    if sweep and sweep["kind"] == "budgets" and "calibrate" in cfg["budget"]:
+        raise BudgetKDError(
+            "config key 'budget.sweep': a list of budgets goes without budget.calibrate (the "
+            "calibration run would be trained and then unused); give multiples of the calibrated budget instead"
+        )
+    if sweep and not any(s["name"] == "none" for s in cfg["strategies"]):
+        raise BudgetKDError(
+            "config key 'budget.sweep': a sweep needs the strategy none (every Δ and crossover is against No-KD)"
+        )
 
     setting = raw.get("data_setting", "unlimited")
     if setting not in ("unlimited", "limited"):
@@ -548,7 +569,7 @@ def _sweep_settings(budget: dict) -> dict:
             parsed = [_budget(p, f"budget.sweep[{i}]") for i, p in enumerate(points)]
             if len({b.currency for b in parsed}) > 1:
                 raise BudgetKDError("config key 'budget.sweep': every budget must be in one currency")
-            values = [str(b) for b in sorted(parsed, key=lambda b: b.amount)]
+            values = [b.exact_text() for b in sorted(parsed, key=lambda b: b.amount)]
             sweep = {"kind": "budgets", "points": values}
         if len(set(sweep["points"])) != len(sweep["points"]):
             raise BudgetKDError("config key 'budget.sweep': the points must be distinct")
@@ -581,16 +602,30 @@ def _teacher_cost(value: Any, cfg: dict) -> dict:
             raise BudgetKDError(
                 "config key 'teacher_cost.amortized.pretraining' must be a time or FLOPs amount"
             )
-        pretraining = str(parsed)
-    budget = cfg["budget"]
-    currency = (
-        budget["calibrate"]["currency"]
-        if "calibrate" in budget
-        else Budget.parse(budget["explicit"]).currency
-    )
+        pretraining = parsed.exact_text()
+    currency = budget_currency(cfg["budget"])
     if currency not in ("time", "flops"):
-        raise BudgetKDError("config key 'teacher_cost': amortized needs a time or FLOPs budget")
+        raise BudgetKDError(
+            f"config key 'teacher_cost': amortized needs a time or FLOPs budget, not {currency}"
+        )
+    if pretraining != "auto" and Budget.parse(pretraining).currency != currency:
+        # a charge in the other currency would be a charge of 0 in the budget's
+        raise BudgetKDError(
+            f"config key 'teacher_cost.amortized.pretraining' ({block['pretraining']}) must be in the "
+            f"budget's currency, {currency}"
+        )
     return {"mode": "amortized", "pretraining": pretraining, "students": students}
+
+
+def budget_currency(budget: dict) -> str:
+    """The currency every student's budget is in: the sweep's budgets', else the calibration's or
+    the explicit budget's."""
+    sweep = budget.get("sweep")
+    if sweep and sweep["kind"] == "budgets":
+        return Budget.parse(sweep["points"][0]).currency
+    if "calibrate" in budget:
+        return budget["calibrate"]["currency"]
+    return Budget.parse(budget["explicit"]).currency
 
 
 def _report_settings(section: Any) -> dict:

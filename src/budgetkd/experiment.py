@@ -233,7 +233,11 @@ class Experiment:
         """(tag, budget) of every sweep point, smallest first; tags are known from the config alone."""
         sweep = self.cfg["budget"]["sweep"]
         if sweep["kind"] == "budgets":
-            return [(text, Budget.parse(text)) for text in sweep["points"]]
+            from budgetkd.sweep import budget_tags
+
+            return [
+                (tag, Budget.parse(text)) for tag, text in zip(budget_tags(sweep["points"]), sweep["points"])
+            ]
         points = []
         for multiple in sweep["points"]:
             tag = f"x{multiple:g}"
@@ -616,6 +620,7 @@ class Experiment:
             result = book.done(stage, fp, self.forced)
             if result is None:
                 self._say(f"stage {stage}: {strategy['name']} for {entry['budget']}")
+                _check_branch_point(entry)
                 summary = self._pretrain(config, stage)
                 result = {"run": str(entry["run"])}
                 if self.is_main:
@@ -799,11 +804,30 @@ class Experiment:
         return checks
 
 
+def _check_branch_point(entry: dict) -> None:
+    """A wsd branch needs its trunk's snapshot; a trunk that stopped at the data limit (a time
+    budget under data_setting: unlimited) may never have reached it: say so, not "cannot read"."""
+    start = entry["schedule"].get("init_from")
+    if not start or Path(start).is_file():
+        return
+    trunk = Path(start).parent.parent
+    summary_path = trunk / "summary.json"
+    if summary_path.is_file():
+        summary = read_json(summary_path, "run summary")
+        if summary.get("stopped_by") == "data limit":
+            raise BudgetKDError(
+                f"sweep point {entry['id']} branches from {start}, but its trunk {trunk.name} stopped at the "
+                f"data limit (data_setting: unlimited, {summary['consumed']['epochs']:.2f} epoch) before "
+                "reaching it; lower the largest point or set data_setting: limited"
+            )
+    raise BudgetKDError(
+        f"sweep point {entry['id']} branches from {start}, which its trunk {trunk.name} never wrote"
+    )
+
+
 def _budget_text(budget: Budget) -> str:
-    """A budget as text without rounding (``repr`` of the amount): ``1234.5678s``, ``3e+16flops``."""
-    unit = {"time": "s"}.get(budget.currency, budget.currency)
-    amount = int(budget.amount) if budget.currency == "steps" else budget.amount
-    return f"{amount!r}{unit}"
+    """A budget as text without rounding (:meth:`Budget.exact_text`)."""
+    return budget.exact_text()
 
 
 def snapshot_path(run_dir: Path, amount: float) -> Path:
@@ -832,6 +856,7 @@ def compare(
     if dist_utils.rank() == 0:
         for note in resolved.notes:
             print(f"[compare] note: {note}", flush=True)
+    plan = _sweep_plan(cfg, out, resolved) if cfg["budget"].get("sweep") else None
     # every rank has looked at --out before rank 0 writes into it (its lock, experiment.json's
     # temp file): otherwise a slower rank can take rank 0's first files for a foreign directory
     dist_utils.barrier()
@@ -839,22 +864,26 @@ def compare(
     if lock is not None:
         lock.acquire()
     try:
-        if lock is not None and cfg["budget"].get("sweep"):
-            _print_plan(cfg, out, resolved)
+        if lock is not None and plan is not None:
+            from budgetkd.plan import render_plan, write_plan
+
+            print(render_plan(plan), flush=True)
+            write_plan(plan, out / "plan.json")
         return Experiment(cfg, out, force=force, progress=progress).run()
     finally:
         if lock is not None:
             lock.release()
 
 
-def _print_plan(cfg: dict, out: Path, resolved) -> None:
-    """A sweep's cost before its first stage (issue 15): what will be trained, in FLOPs (hours
-    with ``--dry-run --probe``), and what the schedule saves; also written to DIR/plan.json."""
-    from budgetkd.plan import build_plan, render_plan, write_plan
+def _sweep_plan(cfg: dict, out: Path, resolved) -> dict:
+    """A sweep's plan, built on every rank (each refuses alike): what will be trained, in FLOPs
+    (hours with ``--dry-run --probe``) and what the schedule saves; rank 0 prints it first and
+    writes DIR/plan.json (issue 15). A point beyond the data limit is refused here."""
+    from budgetkd.plan import build_plan, check_sweep_fits_data
 
     plan = build_plan(cfg, out, resolved)
-    print(render_plan(plan), flush=True)
-    write_plan(plan, out / "plan.json")
+    check_sweep_fits_data(plan, resolved.data.exact)
+    return plan
 
 
 def _ours(name: str) -> bool:

@@ -913,12 +913,15 @@ def _sweep_stages(cfg, stages, consumption, per_seq, rates, currency, amount, ou
     wsd`` a strategy's largest point is its trunk and pays its whole budget; every other point pays
     only its decay, the last ``decay_fraction`` of its budget (its prefix is the trunk's)."""
     from budgetkd.budget import Budget
-    from budgetkd.sweep import wsd_cost
+    from budgetkd.sweep import budget_tags, wsd_cost
 
     budget_cfg = cfg["budget"]
     sweep, schedule, fraction = budget_cfg["sweep"], budget_cfg["schedule"], budget_cfg["decay_fraction"]
     if sweep["kind"] == "budgets":
-        points = [(text, Budget.parse(text).amount) for text in sweep["points"]]
+        points = [
+            (tag, Budget.parse(text).amount)
+            for tag, text in zip(budget_tags(sweep["points"]), sweep["points"])
+        ]
         currency = Budget.parse(sweep["points"][0]).currency
     else:
         points = [(f"x{m:g}", None if amount is None else amount * m) for m in sweep["points"]]
@@ -966,7 +969,14 @@ def _sweep_stages(cfg, stages, consumption, per_seq, rates, currency, amount, ou
                     "tokens_per_s": rates.get(label),
                     "device_hours": None if seconds is None else paid * seconds * world / 3600.0,
                     "wall_hours": None if seconds is None else paid * seconds / 3600.0,
-                    "stops_at_data_limit": False,
+                    # SPEC §1: with unlimited data a run stops at the end of the first epoch
+                    "stops_at_data_limit": bool(
+                        cfg["data_setting"] == "unlimited"
+                        and sequences is not None
+                        and n_train is not None
+                        and sequences > n_train
+                    ),
+                    "epochs": None if sequences is None or not n_train else sequences / n_train,
                     "what": "",
                 }
             )
@@ -1070,6 +1080,23 @@ def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -
 
 def _num(value, fmt: str = ".3g", none: str = "–") -> str:
     return none if value is None else format(value, fmt)
+
+
+def check_sweep_fits_data(plan: dict, data_exact: bool) -> None:
+    """Refuse a sweep whose points need more than the one epoch that ``data_setting: unlimited``
+    allows (SPEC §1): its trunk would stop at the data limit undecayed and the branches past that
+    point would have no snapshot. With an estimated corpus size (not yet prepared) only a point
+    clearly beyond it (> 5 %) is refused; the runs check exactly when they start."""
+    for stage in plan["stages"]:
+        epochs = stage.get("epochs")
+        if not stage.get("stops_at_data_limit") or epochs is None:
+            continue
+        if data_exact or epochs > 1.05:
+            raise BudgetKDError(
+                f"config key 'budget.sweep': {stage['stage'].split(':', 1)[1]} needs {epochs:.2f} epochs of "
+                f"the corpus{'' if data_exact else ' (estimated)'}, but data_setting: unlimited stops every "
+                "run at one; lower the largest point or set data_setting: limited"
+            )
 
 
 def render_plan(plan: dict) -> str:

@@ -81,6 +81,15 @@ def check_sweep_points(points: Sequence[float], warmup: float, decay_fraction: f
     return values
 
 
+def budget_tags(texts: Sequence[str]) -> list[str]:
+    """Tags (run-directory suffixes) of a sweep's given budgets: the short form (``1e+08tokens``,
+    ``3600s``) unless two points share it, then the exact text of each."""
+    from budgetkd.budget import Budget
+
+    short = [str(Budget.parse(t)) for t in texts]
+    return short if len(set(short)) == len(short) else list(texts)
+
+
 def wsd_cost(points: Sequence[float], decay_fraction: float) -> float:
     """Charged amount of a whole WSD sweep: the trunk up to the largest point plus every other
     point's decay, ``B_n + Σ_{i<n} f·B_i`` (what the separate runs would cost: ``Σ B_i``)."""
