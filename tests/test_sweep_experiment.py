@@ -110,6 +110,7 @@ def test_sweep_runs_to_its_report_and_resumes_after_a_kill(tmp_path, monkeypatch
         rows = list(csv.DictReader(handle))
     assert {r["strategy"] for r in rows} == {"none", "minilm"} and {r["task"] for r in rows} == {"rte"}
     assert len(rows) == 6 and {r["currency"] for r in rows} == {"flops"}
+    assert len({(r["point"], r["budget"]) for r in rows}) == 3  # one budget per point, both strategies
     for name in ("delta_vs_budget.png", "avg_vs_budget.png"):
         assert (whole / "plots" / name).stat().st_size > 10_000
     assert "Crossover" in (whole / "sweep.md").read_text()

@@ -53,7 +53,11 @@ def read_sweep(out: Path) -> dict:
 
 
 def long_rows(out: Path, sweep: dict) -> list[dict]:
-    """One row per (student, task, metric, seed) of the best configuration of every task."""
+    """One row per (student, task, metric, seed) of the best configuration of every task.
+
+    ``budget`` is the point's charged budget, the same for every strategy at a point (the x of the
+    plots); ``trained_budget`` is what the student itself trained on: the same, except under
+    ``teacher_cost: amortized``, where a KD student trains on the point minus its 1/K share."""
     rows = []
     for sid, student in sweep["students"].items():
         glue_path = out / "glue" / sid / "glue.json"
@@ -71,7 +75,8 @@ def long_rows(out: Path, sweep: dict) -> list[dict]:
                     rows.append(
                         {
                             "strategy": student["label"],
-                            "budget": student["amount"],
+                            "budget": student["point_amount"],
+                            "trained_budget": student["amount"],
                             "currency": sweep["currency"],
                             "point": student["tag"],
                             "task": task,
@@ -85,7 +90,7 @@ def long_rows(out: Path, sweep: dict) -> list[dict]:
 
 def render_long_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    fields = ["strategy", "budget", "currency", "point", "task", "metric", "value", "seed"]
+    fields = ["strategy", "budget", "currency", "point", "task", "metric", "value", "seed", "trained_budget"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
