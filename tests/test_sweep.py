@@ -265,3 +265,21 @@ def test_budget_tags_are_short_unless_they_collide():
     assert budget_tags(["3600.0s", "100000000.0tokens"]) == ["3600s", "1e+08tokens"]
     # %g keeps 6 digits: 1000001 and 1000002 tokens would share "1e+06tokens"
     assert budget_tags(["1000001.0tokens", "1000002.0tokens"]) == ["1000001.0tokens", "1000002.0tokens"]
+
+
+def test_crossover_against_k_by_hand():
+    import math
+
+    from budgetkd.sweep_report import crossover_vs_students
+
+    no_kd = [(1.0, 50.0), (4.0, 70.0)]  # No-KD Avg = 50 + 20·log4(c), interpolated in log-budget
+    kd = [(1.0, 60.0), (2.0, 62.0), (3.0, 63.0)]  # (own budget, Avg)
+    no_kd_at = lambda c: 50 + 20 * math.log(c) / math.log(4)  # noqa: E731
+    # K = 4 students share T = 1: each KD point costs own + 0.25
+    rows = {r["students"]: r for r in crossover_vs_students(no_kd, kd, 1.0, [1, 4])}
+    d = [avg - no_kd_at(own + 0.25) for own, avg in kd]  # +6.78, +0.30, −4.00
+    x0, x1 = math.log(2.25), math.log(3.25)
+    want = math.exp(x0 + d[1] * (x1 - x0) / (d[1] - d[2]))
+    assert rows[4]["crossover"] == pytest.approx(want) and rows[4]["points"] == 3
+    # K = 1: costs 2, 3, 4 → Δ 0 (no sign), 62 − 65.85 = −3.85, 63 − 70 = −7: no crossing
+    assert rows[1]["crossover"] is None and rows[1]["points"] == 3
