@@ -159,7 +159,8 @@ def plot_sweep(
     written = []
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bars = 0
     for i, curve in enumerate(curves.values()):
         colour = colours[i % len(colours)]
         x = np.array(curve["budgets"]) * scale
@@ -172,18 +173,35 @@ def plot_sweep(
         cross = curve["crossover"].get("crossover")
         if cross is not None:
             ax.axvline(cross * scale, color=colour, linestyle=":", linewidth=1)
+            # the crossover's interval as a bar in a strip along the bottom, one row per strategy
+            # (an open bound runs to the end of the swept range)
+            low_c, high_c = curve["crossover"].get("low"), curve["crossover"].get("high")
+            if low_c is not None or high_c is not None:
+                left = (low_c if low_c is not None else min(curve["budgets"])) * scale
+                right = (high_c if high_c is not None else max(curve["budgets"])) * scale
+                strip = ax.get_xaxis_transform()  # x in data, y in axes fraction
+                y = 0.03 + 0.04 * i
+                bars = max(bars, i + 1)
+                ax.hlines(y, left, right, color=colour, linewidth=4, alpha=0.6, transform=strip)
+                ax.plot([cross * scale], [y], marker="|", markersize=10, color=colour, transform=strip)
     ax.axhline(0.0, color="black", linewidth=0.8)
+    if bars:  # room below the data for the strip of crossover intervals
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom - (0.04 * bars + 0.03) / (1 - 0.04 * bars - 0.03) * (top - bottom), top)
     ax.set_xscale("log")
+    _point_ticks(ax, [b * scale for c in curves.values() for b in c["budgets"]])
     ax.set_xlabel(f"budget ({unit}, log scale)")
     ax.set_ylabel("Δ GLUE Avg vs No-KD (points)")
     ax.set_title(
-        "Where KD stops paying: Δ against the budget (95 % intervals, crossovers dotted)", fontsize=10
+        "Where KD stops paying: Δ against the budget\n"
+        "(bands: 95 % intervals of Δ; dotted: crossover; bars at the bottom: its 95 % interval)",
+        fontsize=10,
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     written.append(_save(fig, plots / "delta_vs_budget.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, points in enumerate(averages.values()):
         values = sorted(points["values"])
         xs = [v[0] * scale for v in values]
@@ -195,15 +213,16 @@ def plot_sweep(
             label=points["display"],
         )
     ax.set_xscale("log")
+    _point_ticks(ax, [v[0] * scale for a in averages.values() for v in a["values"]])
     ax.set_xlabel(f"budget ({unit}, log scale)")
     ax.set_ylabel("GLUE Avg (dev, points)")
     ax.set_title("GLUE Avg against the pretraining budget", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     written.append(_save(fig, plots / "avg_vs_budget.png"))
 
     if by_students:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for i, (label, rows) in enumerate(by_students.items()):
             pts = [(r["students"], r["crossover"] * scale) for r in rows if r["crossover"] is not None]
             if pts:
@@ -220,6 +239,19 @@ def plot_sweep(
         fig.tight_layout()
         written.append(_save(fig, plots / "crossover_vs_students.png"))
     return written
+
+
+def _point_ticks(ax, xs: list[float]) -> None:
+    """Ticks at the swept budgets themselves: a sweep spans a decade or two, where a log axis
+    alone labels one or two powers of ten and leaves the points unreadable."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    values = sorted(set(xs))
+    if not values:
+        return
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(values, [f"{v:.3g}" for v in values])
 
 
 def _save(fig, path: Path) -> Path:
