@@ -66,6 +66,20 @@ def charged(out: Path) -> dict[str, dict]:
     return totals
 
 
+def averages(out: Path) -> dict[str, dict[str, float]]:
+    """GLUE Avg per strategy label and point tag, from sweep/table-<tag>.csv."""
+    import csv
+
+    sweep = json.loads((out / "sweep.json").read_text())
+    table: dict[str, dict[str, float]] = {}
+    for tag in sweep["points"]:
+        with open(out / "sweep" / f"table-{tag}.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                label = sweep["students"][row["label"]]["label"]
+                table.setdefault(label, {})[tag] = float(row["avg"]) if row["avg"] else float("nan")
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -78,7 +92,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, wall = {}, {}
+    results, wall, avgs = {}, {}, {}
     for schedule in ("linear", "wsd"):
         started = time.perf_counter()
         compare(
@@ -86,10 +100,14 @@ def main(argv=None) -> int:
             out / schedule,
             overrides=overrides(schedule, args.points, args.strategies),
             progress=False,
-        )
-        wall[schedule] = time.perf_counter() - started
+        )  # a finished sweep resumes in seconds: rerun the script to reprint its figures
+        timing = out / schedule / "bench_wall.json"
+        if not timing.is_file():
+            timing.write_text(json.dumps({"wall_s": time.perf_counter() - started}))
+        wall[schedule] = json.loads(timing.read_text())["wall_s"]
         crossover = json.loads((out / schedule / "sweep" / "crossover.json").read_text())
         results[schedule] = {"charged": charged(out / schedule), "crossover": crossover}
+        avgs[schedule] = averages(out / schedule)
     print(
         f"demo-sweep: points {args.points} × 0.2 No-KD epoch (FLOPs), {' '.join(args.strategies)}, "
         "all-MiniLM-L6-v2 teacher, 4 × 192 student, SST-2 4000 train / full dev"
@@ -119,6 +137,23 @@ def main(argv=None) -> int:
             print(
                 f"  crossover ({schedule}): {c.get('crossover')} [{c.get('low')}, {c.get('high')}] {c.get('text', '')}"
             )
+    print(
+        f"\n{'point':<7} "
+        + " ".join(
+            f"{f'{lab} {sch}':>16}" for sch in results if sch in ("linear", "wsd") for lab in avgs[sch]
+        )
+        + "   (GLUE Avg, dev)"
+    )
+    for tag in avgs["linear"][next(iter(avgs["linear"]))]:
+        print(
+            f"{tag:<7} "
+            + " ".join(
+                f"{avgs[sch][lab].get(tag, float('nan')):>16.1f}"
+                for sch in ("linear", "wsd")
+                for lab in avgs[sch]
+            )
+        )
+    results["avg"] = avgs
     results["wall_s"] = wall
     results["mean_abs_delta_gap"] = sum(abs(g) for g in gaps) / max(1, len(gaps))
     print(f"\nmean |Δ_wsd − Δ_linear| = {results['mean_abs_delta_gap']:.2f} points")
