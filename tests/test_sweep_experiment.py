@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,18 @@ def test_a_branch_without_its_snapshot_says_why(tmp_path):
     (trunk / "snapshots" / "at-80000.0.pt").write_bytes(b"")
     _check_branch_point(entry)  # there: fine
     _check_branch_point({"id": "none@x1", "schedule": {}})  # not a branch
+
+
+def test_the_plan_takes_the_amortized_share_off_each_kd_point(tmp_path):
+    from budgetkd.experiment import dry_run
+
+    config = sweep_config(**{"teacher_cost": {"amortized": {"pretraining": "2e9flops", "students": 2}}})
+    config["budget"] = {"sweep": ["4e9flops", "8e9flops"], "schedule": "linear"}
+    plan = dry_run(_write(tmp_path, config), tmp_path / "p")
+    stages = {s["stage"]: s for s in plan["stages"]}
+    for tag, point in (("4e+09flops", 4e9), ("8e+09flops", 8e9)):
+        none, kd = stages[f"pretrain:none@{tag}"], stages[f"pretrain:minilm@{tag}"]
+        # whole steps of a run that stops at the first step reaching its budget: ⌈B / (fps · batch)⌉
+        batch = config["optimizer"]["batch_size"]
+        assert none["steps"] == math.ceil(point / (none["flops_per_sequence"] * batch))
+        assert kd["steps"] == math.ceil((point - 1e9) / (kd["flops_per_sequence"] * batch))  # 1/2 of 2e9 off

@@ -928,16 +928,19 @@ def _sweep_stages(cfg, stages, consumption, per_seq, rates, currency, amount, ou
     kept = [s for s in stages if not s["stage"].startswith("pretrain:")]
     tokens_per_seq = cfg["data"]["seq_len"] - 1
     batch = cfg["optimizer"]["batch_size"]
+    share = _amortized_share(cfg["teacher_cost"], currency)  # off every KD point's own budget
     ids = []
     for strategy in cfg["strategies"]:
         label = strategy["label"]
         if label not in per_seq:
             continue
         fps = sum(per_seq[label])
+        kd = per_seq[label][1] > 0
         for i, (tag, point) in enumerate(points):
             sid = f"{label}@{tag}"
             ids.append(sid)
-            sequences = _sequences_for(currency, point, fps, rates.get(label), tokens_per_seq, batch, n_train)
+            own = point if point is None or not kd or not share else point - share
+            sequences = _sequences_for(currency, own, fps, rates.get(label), tokens_per_seq, batch, n_train)
             trunk = i == len(points) - 1
             paid = 1.0 if schedule == "linear" or trunk else fraction  # the share this stage trains itself
             if schedule == "linear" and label == cal_label and tag == "x1":
@@ -994,6 +997,17 @@ def _sweep_stages(cfg, stages, consumption, per_seq, rates, currency, amount, ou
         "separate_runs_vs_largest": None if len(known) < len(points) else sum(known) / max(known),
     }  # fmt: skip
     return kept, ids, summary
+
+
+def _amortized_share(teacher_cost: dict, currency: str) -> float | None:
+    """1/K of a given teacher pretraining cost in ``currency`` (``teacher_cost: amortized``), or None
+    (other modes; ``auto`` is known only once the teacher is trained)."""
+    from budgetkd.budget import Budget
+
+    if teacher_cost.get("mode") != "amortized" or teacher_cost["pretraining"] == "auto":
+        return None
+    given = Budget.parse(teacher_cost["pretraining"])
+    return given.amount / teacher_cost["students"] if given.currency == currency else None
 
 
 def _sequences_for(currency, amount, fps, rate, tokens_per_seq, batch, n_train) -> float | None:
