@@ -143,9 +143,15 @@ def crossover_vs_students(
 
 
 def plot_sweep(
-    out: Path, currency: str, curves: dict, averages: dict, by_students: dict | None
+    out: Path,
+    currency: str,
+    curves: dict,
+    averages: dict,
+    by_students: dict | None,
+    avg_tasks: list[str] | None = None,
 ) -> list[Path]:
-    """Δ against budget with intervals and crossovers; Avg against budget; crossover against K."""
+    """Δ against budget with intervals and crossovers; Avg against budget; crossover against K.
+    ``avg_tasks``: the column titles the Avg is over, named on the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +173,13 @@ def plot_sweep(
         y = np.array(curve["deltas"])
         low = np.array([np.nan if v is None else v for v in curve["low"]], dtype=float)
         high = np.array([np.nan if v is None else v for v in curve["high"]], dtype=float)
-        ax.plot(x, y, marker="o", color=colour, label=curve["display"])
+        cross_info = curve["crossover"]
+        note = (
+            f"crosses 0 at {cross_info['crossover'] * scale:.3g} {unit}"
+            if cross_info.get("crossover") is not None
+            else "no crossover in range"
+        )
+        ax.plot(x, y, marker="o", color=colour, label=f"{curve['display']} ({note})")
         if np.isfinite(low).any():
             ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
         cross = curve["crossover"].get("crossover")
@@ -191,13 +203,14 @@ def plot_sweep(
     ax.set_xscale("log")
     _point_ticks(ax, [b * scale for c in curves.values() for b in c["budgets"]])
     ax.set_xlabel(f"budget ({unit}, log scale)")
-    ax.set_ylabel("Δ GLUE Avg vs No-KD (points)")
+    over = f" over {', '.join(avg_tasks)}" if avg_tasks else ""
+    ax.set_ylabel(f"Δ GLUE Avg{over} vs No-KD (points)")
     ax.set_title(
         "Where KD stops paying: Δ against the budget\n"
         "(bands: 95 % intervals of Δ; dotted: crossover; bars at the bottom: its 95 % interval)",
         fontsize=10,
     )
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     written.append(_save(fig, plots / "delta_vs_budget.png"))
 
@@ -215,9 +228,9 @@ def plot_sweep(
     ax.set_xscale("log")
     _point_ticks(ax, [v[0] * scale for a in averages.values() for v in a["values"]])
     ax.set_xlabel(f"budget ({unit}, log scale)")
-    ax.set_ylabel("GLUE Avg (dev, points)")
+    ax.set_ylabel(f"GLUE Avg{over} (dev, points)")
     ax.set_title("GLUE Avg against the pretraining budget", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     written.append(_save(fig, plots / "avg_vs_budget.png"))
 
@@ -288,6 +301,7 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     currency = sweep["currency"]
     students = sweep["students"]
     written: list[Path] = []
+    averaged: set[str] = set()  # the tasks some Avg is over
     curves: dict[str, dict] = {}
     averages: dict[str, dict] = {}
     sections = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
@@ -304,6 +318,7 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         ]
         data = {"rows": rows}
         table = report.build_table(data, settings)
+        averaged.update(k for trow in table["rows"] for k in trow["avg_tasks"])
         budgets = report.budget_rows(data, sweep.get("teacher_cost"))
         point = students[ids[0]]["point_amount"]
         written.append(
@@ -375,7 +390,8 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
                 crossover[label]["by_students"] = by_students[label]
     written.append(write_json(out / "sweep" / "crossover.json", crossover))
     written.append(write_text(out / "sweep" / "long.csv", render_long_csv(long_rows(out, sweep))))
-    written += plot_sweep(out, currency, curves, averages, by_students)
+    avg_titles = [c.title for c in report.ALL_COLUMNS if c.key in averaged]
+    written += plot_sweep(out, currency, curves, averages, by_students, avg_titles)
     sections += ["## Crossover (where Δ crosses 0, interpolated in log-budget)", ""]
     for entry in crossover.values():
         sections.append(f"- {entry['display']}: {_crossover_text(entry, currency)}")
