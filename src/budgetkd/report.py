@@ -759,16 +759,20 @@ def render_markdown(table: dict, budget_rows: list[dict], teacher_note: str | No
     return "\n".join(lines)
 
 
-def read_teacher_preparation(out: Path) -> dict | None:
-    """DIR/teacher/summary.json: the teacher budgetkd prepared (pretrained, or fitted an MLM head
-    on), or None when the teacher was used as given."""
-    path = out / "teacher" / "summary.json"
+def _optional_json(path: Path, what: str) -> dict | None:
+    """A JSON file that may be absent (None); a malformed one is a one-line error."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise _malformed("teacher summary", path, str(exc)) from None
+        raise _malformed(what, path, str(exc)) from None
+
+
+def read_teacher_preparation(out: Path) -> dict | None:
+    """DIR/teacher/summary.json: the teacher budgetkd prepared (pretrained, or fitted an MLM head
+    on), or None when the teacher was used as given."""
+    return _optional_json(out / "teacher" / "summary.json", "teacher summary")
 
 
 def teacher_preparation_note(summary: dict | None, charge: dict | None) -> str | None:
@@ -917,13 +921,7 @@ def charged_amounts(strategy: str, summary: dict, charge: dict | None) -> dict:
 
 def read_teacher_charge(out: Path) -> dict | None:
     """DIR/teacher_cost.json (written by compare), or None."""
-    path = out / "teacher_cost.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise _malformed("teacher cost", path, str(exc)) from None
+    return _optional_json(out / "teacher_cost.json", "teacher cost")
 
 
 def budget_rows(data: dict, charge: dict | None = None) -> list[dict]:
