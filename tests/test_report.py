@@ -546,3 +546,9 @@ def test_the_teachers_preparation_is_reported_not_charged(compare_dir: Path):
         "validation MLM loss 6.570; each KD row is charged 1/4 of the teacher's pretraining"
         in (compare_dir / "table.md").read_text()
     )
+
+
+def test_a_malformed_teacher_cost_file_is_a_one_line_error(compare_dir: Path):
+    (compare_dir / "teacher_cost.json").write_text("{not json")
+    with pytest.raises(BudgetKDError, match="teacher cost"):
+        write_report(compare_dir)
