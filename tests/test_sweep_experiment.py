@@ -303,6 +303,10 @@ def test_a_sweep_beyond_the_data_limit_is_refused_before_any_stage(tmp_path):
     ):
         compare(_write(tmp_path, config), out, progress=False)
     assert not (out / "data").exists() and not (out / "state.json").exists()
+    from budgetkd.experiment import dry_run
+
+    with pytest.raises(BudgetKDError, match="epochs of the corpus"):  # the dry run says the same
+        dry_run(_write(tmp_path, config), tmp_path / "plan-only")
 
 
 def test_a_branch_without_its_snapshot_says_why(tmp_path):

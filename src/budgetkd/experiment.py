@@ -324,7 +324,7 @@ class Experiment:
                 "id": sid,
                 "strategy": strategy,
                 "point": (point or point_budget).amount,
-                "budget": _budget_text(point_budget),
+                "budget": point_budget.exact_text(),
                 "run": runs / (reuse or sid),
                 "schedule": schedule_options,
                 "reuse": reuse,
@@ -825,11 +825,6 @@ def _check_branch_point(entry: dict) -> None:
     )
 
 
-def _budget_text(budget: Budget) -> str:
-    """A budget as text without rounding (:meth:`Budget.exact_text`)."""
-    return budget.exact_text()
-
-
 def snapshot_path(run_dir: Path, amount: float) -> Path:
     """Where a wsd trunk keeps its state at ``amount`` (the same rule as ``Pretrainer.snapshot_path``)."""
     from budgetkd.train import snapshot_file
@@ -939,6 +934,10 @@ def dry_run(
     if dist_utils.rank() == 0:
         print(json.dumps(plan, indent=1, default=str) if as_json else render_plan(plan), flush=True)
         write_plan(plan, out / "plan.json")
+    if cfg["budget"].get("sweep"):  # what compare would refuse, the dry run refuses too
+        from budgetkd.plan import check_sweep_fits_data
+
+        check_sweep_fits_data(plan, resolved.data.exact)
     return plan
 
 
