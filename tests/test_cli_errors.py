@@ -474,8 +474,11 @@ CASES.update(
             lambda i, o: ["compare", str(i["root"] / "nope.yaml"), "--out", str(o)],
             "nope.yaml",
         ),
-        "compare-unknown-key": (lambda i, o: _compare(i, o, "unknown-key"), "'optimiser'"),
-        "compare-wrong-type": (lambda i, o: _compare(i, o, "wrong-type"), "'optimizer.batch_size'"),
+        "compare-unknown-key": (lambda i, o: _compare(i, o, "unknown-key"), "optimiser: unknown config key"),
+        "compare-wrong-type": (
+            lambda i, o: _compare(i, o, "wrong-type"),
+            "optimizer.batch_size: must be an integer",
+        ),
         "compare-zero-budget": (lambda i, o: _compare(i, o, "zero-budget"), "'budget.explicit'"),
         "compare-negative-budget": (lambda i, o: _compare(i, o, "negative-budget"), "'-2steps'"),
         "compare-unit-less-budget": (lambda i, o: _compare(i, o, "unit-less-budget"), "100 has no unit"),
@@ -486,7 +489,7 @@ CASES.update(
         ),
         "compare-micro-batch-larger-than-batch": (
             lambda i, o: _compare(i, o, "micro-batch"),
-            "'optimizer.micro_batch_size'",
+            "optimizer.micro_batch_size: must lie in 1..batch_size",
         ),
         "compare-missing-glue-dir": (lambda i, o: _compare(i, o, "missing-glue-dir"), "no-glue"),
         "compare-glue-dir-without-the-task": (lambda i, o: _compare(i, o, "glue-without-task"), "RTE"),

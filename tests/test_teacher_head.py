@@ -202,7 +202,7 @@ def test_fit_mlm_head_false_refuses_vanilla_before_any_student(encoder_dir, tmp_
     ("teacher_keys", "message"),
     [
         ({"fit_mlm_head": {"budget": "500"}}, "teacher.fit_mlm_head.budget"),
-        ({"fit_mlm_head": {"steps": 5}}, "teacher.fit_mlm_head.'steps'"),
+        ({"fit_mlm_head": {"steps": 5}}, "teacher.fit_mlm_head.steps: unknown config key"),
         ({"fit_mlm_head": {"lr": 0.0}}, "teacher.fit_mlm_head.lr"),
         ({"fit_mlm_head": "yes"}, "teacher.fit_mlm_head"),
     ],

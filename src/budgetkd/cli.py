@@ -84,57 +84,37 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 # -- pretrain -----------------------------------------------------------------------------------
-_PRETRAIN_FLAGS = {
-    # flag dest → TrainConfig field
-    "data": "data",
-    "out": "out",
-    "student": "student",
-    "strategy": "strategy",
-    "teacher": "teacher",
-    "budget": "budget",
-    "batch_size": "batch_size",
-    "micro_batch_size": "micro_batch_size",
-    "lr": "lr",
-    "warmup": "warmup",
-    "seed": "seed",
-    "data_seed": "data_seed",
-    "max_epochs": "max_epochs",
-    "device": "device",
-    "num_evals": "num_evals",
-    "checkpoint_every_steps": "checkpoint_every_steps",
-    "on_nonfinite": "on_nonfinite",
-    "dropout": "dropout",
-    "max_grad_norm": "max_grad_norm",
-}
+def _flag_value(text: str):
+    """A flag's value as YAML reads it (``8`` → 8, ``1e-3`` → 0.001, ``none`` → 'none'); the
+    schema (:class:`budgetkd.config.TrainConfig`) then checks type and range in one line."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _add_pretrain(parser: argparse.ArgumentParser) -> None:
+    """The flags are :func:`budgetkd.config.cli_fields`: one per TrainConfig field marked ``cli``,
+    with the field's description as help (no hand-mapped flags)."""
+    from budgetkd.config import cli_fields
+
     parser.add_argument(
         "--config", metavar="RUN.yaml", help="YAML with any TrainConfig field; flags override it"
     )
-    parser.add_argument("--data", metavar="DATA_DIR")
-    parser.add_argument("--out", metavar="RUN_DIR")
-    parser.add_argument(
-        "--student", metavar="PRESET|FILE", help="bert-tiny, bert-mini, bert-small, bert-6l-768, … or YAML"
-    )
-    parser.add_argument("--strategy", help="none, vanilla, tinybert, minilm, minilmv2")
-    parser.add_argument("--teacher", metavar="PATH_OR_HUB_ID")
-    parser.add_argument("--budget", help="90s, 30m, 4h, 2.5e15flops, 3e6tokens, 500steps, 1epochs")
-    parser.add_argument("--batch-size", type=_positive_int)
-    parser.add_argument("--micro-batch-size", type=_positive_int)
-    parser.add_argument("--lr", type=_float, help="peak learning rate (default: 1e-3 No-KD, 5e-4 KD)")
-    parser.add_argument("--warmup", type=_float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--data-seed", type=int)
-    parser.add_argument(
-        "--max-epochs", type=_float, help="data limit: never start a step beyond this many epochs"
-    )
-    parser.add_argument("--dropout", type=_float)
-    parser.add_argument("--max-grad-norm", type=_float)
-    parser.add_argument("--num-evals", type=_positive_int)
-    parser.add_argument("--checkpoint-every-steps", type=int)
-    parser.add_argument("--on-nonfinite", choices=["stop", "skip"])
-    parser.add_argument("--device", help="auto, cpu, cuda")
+    for name, (metavar, info) in cli_fields().items():
+        flag = "--" + name.replace("_", "-")
+        if metavar == "flag":
+            parser.add_argument(flag, action="store_true", default=None, help=info.description)
+            continue
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        help_text = (info.description or "") + (f" (default: {default})" if default is not None else "")
+        parser.add_argument(
+            flag, dest=name, metavar=metavar, type=_flag_value, help=help_text.strip() or None
+        )
     parser.add_argument(
         "--set",
         action="append",
@@ -142,7 +122,6 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="strategy option, e.g. --set temperature=2 --set layer_map=[[-1,-1]] (YAML values)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -150,8 +129,8 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
 def build_train_config(args: argparse.Namespace):
     import yaml
 
+    from budgetkd.config import TrainConfig, cli_fields
     from budgetkd.io import read_yaml
-    from budgetkd.train import TrainConfig
 
     values: dict = {}
     if args.config:
@@ -161,10 +140,10 @@ def build_train_config(args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise BudgetKDError(f"run config {args.config} must be a mapping of options")
         values.update(loaded)
-    for dest, field_name in _PRETRAIN_FLAGS.items():
-        value = getattr(args, dest)
+    for name in cli_fields():
+        value = getattr(args, name)
         if value is not None:
-            values[field_name] = value
+            values[name] = str(value) if name in _TEXT_FIELDS else value
     options = dict(values.get("strategy_options") or {})
     for item in args.set:
         if "=" not in item:
@@ -176,17 +155,16 @@ def build_train_config(args: argparse.Namespace):
             raise BudgetKDError(f"--set {item!r}: the value is not valid YAML") from None
     if options:
         values["strategy_options"] = options
-    if args.compile:
-        values["compile"] = True
     if args.no_progress:
         values["progress"] = False
     for required in ("data", "out"):
         if not values.get(required):
             raise BudgetKDError(f"--{required} is required (or set {required!r} in --config)")
-    try:
-        return TrainConfig.from_dict(values)
-    except TypeError as exc:
-        raise BudgetKDError(f"bad pretraining option: {exc}") from None
+    return TrainConfig.from_dict(values)
+
+
+# flags whose value is text even when it reads as a number (a data directory named 2024)
+_TEXT_FIELDS = {"data", "out", "student", "strategy", "teacher", "budget", "device"}
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
@@ -213,6 +191,25 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- schema -------------------------------------------------------------------------------------
+def _add_schema(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="FILE", help="write it to FILE (default: standard output)")
+
+
+def _run_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from budgetkd.config import json_schema
+    from budgetkd.io import atomic_write_text
+
+    text = json.dumps(json_schema(), indent=1) + "\n"
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+    else:
+        print(text, end="")
+    return 0
+
+
 # -- glue, compare, report, demo (their modules own their arguments) ------------------------------
 def _lazy(module: str) -> tuple[Callable, Callable]:
     def add(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +228,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "compare": ("run the whole comparison from one YAML", *_lazy("budgetkd.experiment")),
     "report": ("write the comparison table and plots of a compare directory", *_lazy("budgetkd.report")),
     "demo": ("run the embedded demo comparison (configs/demo.yaml)", *_lazy("budgetkd.demo")),
+    "schema": ("print the JSON Schema of an experiment YAML (for editors)", _add_schema, _run_schema),
 }
 
 

@@ -22,9 +22,7 @@ import os
 import pickle
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +30,7 @@ from torch import nn
 from budgetkd import distributed as dist_utils
 from budgetkd import flops
 from budgetkd.budget import Budget, Meter, learning_rate
+from budgetkd.config import TrainConfig
 from budgetkd.data import MaskingConfig, PackedData, StepBatches, validation_batches
 from budgetkd.data.dataset import resolve_micro_batch
 from budgetkd.errors import BudgetKDError
@@ -54,80 +53,6 @@ from budgetkd.strategies import StepInputs, Strategy, get_strategy
 from budgetkd.sweep import check_decay_fraction, wsd_learning_rate
 
 SUMMARY_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a pretraining run. Saved as ``RUN_DIR/run_config.json``."""
-
-    data: str
-    out: str
-    student: Any = "bert-tiny"
-    strategy: str = "none"
-    teacher: str | None = None
-    budget: str = "300steps"
-    batch_size: int = 1024
-    micro_batch_size: int | None = None
-    lr: float | None = None  # None → the strategy's paper default (1e-3 No-KD, 5e-4 KD)
-    warmup: float = 0.06
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-6
-    max_grad_norm: float = 0.0  # 0 = no clipping (the paper's recipe does not clip)
-    seed: int = 0  # initial weights and dropout
-    data_seed: int | None = None  # data order; None → seed
-    mask_seed: int | None = None  # masks; None → seed
-    dropout: float | None = None  # None → BERT's 0.1
-    strategy_options: dict = field(default_factory=dict)
-    max_epochs: float | None = None  # data limit: stop before the step that would cross it
-    fixed_mask_count: bool = False
-    num_evals: int = 10  # validation at budget fractions 1/n, 2/n, …, 1
-    eval_sequences: int = 512
-    eval_batch_size: int = 64
-    checkpoint_interval_s: float = 600.0
-    checkpoint_every_steps: int = 0
-    on_nonfinite: str = "stop"  # "stop" | "skip"
-    device: str = "auto"
-    compile: bool = False
-    log_every: int = 10
-    progress: bool = True
-    # Sweeps (SPEC §7a). schedule "wsd": warm-up over ``schedule_warmup`` (an amount of the
-    # budget's currency), constant, then linear decay over the last ``decay_fraction`` of
-    # ``schedule_point`` (None → the budget). ``snapshots``: amounts at which a copy of the state
-    # is kept in RUN_DIR/snapshots/ for branches; ``init_from``: a snapshot this run continues.
-    schedule: str = "linear"
-    schedule_point: float | None = None
-    schedule_warmup: float | None = None
-    decay_fraction: float = 0.2
-    snapshots: list = field(default_factory=list)
-    init_from: str | None = None
-    charge_teacher: bool = True  # False: teacher_cost free (SPEC §7a), its forward passes uncharged
-
-    # Fields that may change between a run and its resumption.
-    RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_interval_s", "checkpoint_every_steps")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BudgetKDError(f"unknown pretraining option {sorted(unknown)[0]!r}")
-        values = dict(values)
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(values["adam_betas"])
-        return cls(**values)
-
-    def resolved(self) -> dict:
-        out = asdict(self)
-        out["adam_betas"] = list(self.adam_betas)
-        return out
-
-    def identity(self) -> dict:
-        """What determines the run's result: everything but the fields a resumption may change and
-        the locations (a moved run directory or dataset stays the same run; the data's content
-        fingerprint stands in for its path)."""
-        skip = set(self.RESUMABLE_CHANGES) | {"out", "data"}
-        return {k: v for k, v in self.resolved().items() if k not in skip}
 
 
 class TrainModule(nn.Module):
