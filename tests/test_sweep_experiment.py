@@ -206,10 +206,10 @@ def test_teacher_cost_modes_set_the_kd_budget(tmp_path):
         ({"budget.sweep": [0.5, 0.5]}, "distinct"),
         ({"budget.sweep": [0.5, 10]}, "needs a second epoch"),
         ({"budget.sweep": ["1h", "1e9flops"]}, "one currency"),
-        ({"budget.schedule": "cosine"}, "linear or wsd"),
-        ({"budget.decay_fraction": 0}, "decay fraction"),
+        ({"budget.schedule": "cosine"}, "budget.schedule: must be 'linear' or 'wsd'"),
+        ({"budget.decay_fraction": 0}, "budget.decay_fraction: must be > 0 and ≤ 1"),
         ({"teacher_cost": "cheap"}, "teacher_cost"),
-        ({"teacher_cost": {"amortized": {"students": 0}}}, "positive integer"),
+        ({"teacher_cost": {"amortized": {"students": 0}}}, "teacher_cost.amortized.students: must be > 0"),
         ({"teacher_cost": {"amortized": {"pretraining": "10steps", "students": 2}}}, "time or FLOPs"),
         # a charge in hours against a FLOPs budget would be a charge of 0 FLOPs
         ({"teacher_cost": {"amortized": {"pretraining": "1h", "students": 2}}}, "budget's currency, flops"),
@@ -229,8 +229,8 @@ def test_report_settings_in_the_config():
     assert cfg["report"]["avg_tasks"] == ["rte", "stsb"] and cfg["report"]["bootstrap_samples"] == 500
     for bad, message in (
         ({"avg_tasks": ["wnli"]}, "report.avg_tasks"),
-        ({"bootstrap_samples": 5}, "at least"),
-        ({"bogus": 1}, "report.'bogus'"),
+        ({"bootstrap_samples": 5}, "must be ≥ 100"),
+        ({"bogus": 1}, "report.bogus: unknown config key"),
     ):
         with pytest.raises(BudgetKDError, match=message):
             validate_experiment(sweep_config(report=bad))
@@ -314,7 +314,10 @@ def test_a_branch_without_its_snapshot_says_why(tmp_path):
 
     trunk = tmp_path / "runs" / "none@1e+08tokens"
     (trunk / "snapshots").mkdir(parents=True)
-    entry = {"id": "none@1e+05tokens", "schedule": {"init_from": str(trunk / "snapshots" / "at-80000.0.pt")}}
+    from budgetkd.stages import StudentRun
+
+    start = {"init_from": str(trunk / "snapshots" / "at-80000.0.pt")}
+    entry = StudentRun("none@1e+05tokens", {"name": "none"}, False, None, None, tmp_path, start)
     with pytest.raises(BudgetKDError, match="which its trunk none@1e\\+08tokens never wrote"):
         _check_branch_point(entry)
     (trunk / "summary.json").write_text(json.dumps({"stopped_by": "data limit", "consumed": {"epochs": 1.0}}))
@@ -322,7 +325,7 @@ def test_a_branch_without_its_snapshot_says_why(tmp_path):
         _check_branch_point(entry)
     (trunk / "snapshots" / "at-80000.0.pt").write_bytes(b"")
     _check_branch_point(entry)  # there: fine
-    _check_branch_point({"id": "none@x1", "schedule": {}})  # not a branch
+    _check_branch_point(StudentRun("none@x1", {"name": "none"}, False, None, None, tmp_path))  # not a branch
 
 
 def test_the_plan_takes_the_amortized_share_off_each_kd_point(tmp_path):

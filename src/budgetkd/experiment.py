@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from budgetkd import distributed as dist_utils
+from budgetkd import stages
 from budgetkd.budget import Budget
 from budgetkd.config import load_experiment
 from budgetkd.errors import BudgetKDError
@@ -122,258 +123,73 @@ def wait_for_stage(
 
 
 class Experiment:
+    """The stages of one experiment, run in order (module docstring). Which runs exist, their
+    budgets and their TrainConfigs come from :mod:`budgetkd.stages` — the same derivation the
+    dry-run plan prices."""
+
     def __init__(self, cfg: dict, out: Path, force: list[str] | None = None, progress: bool = True):
         self.cfg = cfg
         self.out = out
         self.progress = progress
         self.is_main = dist_utils.rank() == 0
         self.started = time.time()
-        self.forced = set(force or [])
+        self.forced = stages.expand_forced(cfg, list(force or []))
         self.labels = [s["label"] for s in cfg["strategies"]]
-        self.student_ids = list(self.labels)
-        self.student_runs: dict[str, Path] = {}
-        sweep_ids = self._sweep_ids()
+        self.student_ids = stages.student_ids(cfg)
         # a dataset prepared once (data.prepared) is used in place; otherwise DIR/data
         prepared = cfg["data"].get("prepared")
         self.data_dir = Path(prepared) if prepared else out / "data"
-        valid = (
-            {"data", "teacher", "calibrate", "report"}
-            | {f"pretrain:{x}" for x in self.labels + sweep_ids}
-            | {f"glue:{x}" for x in self.labels + sweep_ids}
-        )
-        for stage in self.forced:
-            if stage not in valid and stage not in ("pretrain", "glue", "all"):
-                raise BudgetKDError(
-                    f"--force {stage}: no such stage (stages: {', '.join(sorted(valid))}, pretrain, glue, all)"
-                )
-        self._expand_forced()
+        self.summaries: dict[str, dict] = {}
+        self.student_runs: dict[str, Path] = {}
+        self.fp: dict[str, str] = {}  # upstream fingerprints: data, teacher, budget
+        self.teacher_path: str | None = None
+        self.budget: str | None = None
 
-    def _expand_forced(self) -> None:
-        """Forcing a stage forces everything downstream of it."""
-        order = ["data", "teacher", "calibrate", "pretrain", "glue", "report"]
-        forced = set(self.forced)
-        if "all" in forced:
-            forced |= set(order)
-        earliest = min(
-            (order.index(s.split(":")[0]) for s in forced if s.split(":")[0] in order), default=None
-        )
-        if earliest is not None:
-            for stage in order[earliest + 1 :]:
-                if stage in ("pretrain", "glue"):
-                    forced |= {f"{stage}:{x}" for x in self.labels}
-                else:
-                    forced.add(stage)
-        for label in self.labels:
-            if f"pretrain:{label}" in forced:
-                forced.add(f"glue:{label}")
-        if "pretrain" in forced:
-            forced |= {f"pretrain:{x}" for x in self.labels}
-        if "glue" in forced:
-            forced |= {f"glue:{x}" for x in self.labels}
-        if "calibrate" in forced:
-            forced |= {f"pretrain:{x}" for x in self.labels} | {f"glue:{x}" for x in self.labels}
-        # a sweep: a strategy's label stands for all its points; with wsd the points of one
-        # strategy share a trunk, so redoing one point redoes them all
-        wsd = self.cfg["budget"].get("schedule") == "wsd"
-        for sid in self._sweep_ids():
-            label = sid.split("@")[0]
-            points_forced = wsd and any(f.startswith(f"pretrain:{label}@") for f in forced)
-            if f"pretrain:{label}" in forced or points_forced:
-                forced |= {f"pretrain:{sid}", f"glue:{sid}"}
-            if f"pretrain:{sid}" in forced or f"glue:{label}" in forced:
-                forced.add(f"glue:{sid}")
-        self.forced = forced
+    def run(self) -> dict:
+        """The stage list, in order; every rank runs the training stages and takes GLUE jobs,
+        rank 0 writes the report."""
+        self.book = self._open()
+        self.data_stage()
+        self.teacher_stage()
+        self.calibrate_stage()
+        self.pretrain_stages()
+        fairness = self._check_fairness(self.summaries)
+        self.glue_stage()
+        if not self.is_main:
+            return {}
+        return self.report_stage(fairness)
 
     # -- helpers --------------------------------------------------------------------------------
     def _say(self, message: str) -> None:
         if self.is_main:
             print(f"[compare] {message}", flush=True)
 
-    def _train_config(
-        self, *, strategy: dict, budget: str, out: Path, teacher: str | None, max_epochs, **extra
-    ):
-        from budgetkd.strategies import REGISTRY
-        from budgetkd.train import TrainConfig
-
-        opt, training = self.cfg["optimizer"], self.cfg["training"]
-        kd = REGISTRY[strategy["name"]].needs_teacher
-        lr = strategy["lr"] if strategy["lr"] is not None else (opt["lr_kd"] if kd else opt["lr_no_kd"])
-        return TrainConfig(
-            data=str(self.data_dir),
-            out=str(out),
-            student=self.cfg["student"],
-            strategy=strategy["name"],
-            teacher=teacher if kd else None,
-            budget=budget,
-            batch_size=opt["batch_size"],
-            micro_batch_size=opt["micro_batch_size"],
-            lr=lr,
-            warmup=opt["warmup"],
-            weight_decay=opt["weight_decay"],
-            adam_betas=tuple(opt["adam_betas"]),
-            adam_eps=opt["adam_eps"],
-            max_grad_norm=opt["max_grad_norm"],
-            seed=self.cfg["seed"],
-            dropout=training["dropout"],
-            strategy_options=strategy["options"],
-            max_epochs=max_epochs,
-            fixed_mask_count=training["fixed_mask_count"],
-            num_evals=training["num_evals"],
-            eval_sequences=training["eval_sequences"],
-            checkpoint_interval_s=training["checkpoint_interval_s"],
-            checkpoint_every_steps=training["checkpoint_every_steps"],
-            on_nonfinite=training["on_nonfinite"],
-            device=training["device"],
-            progress=self.progress,
-            **extra,
-        )
-
-    # -- sweeps and the teacher's cost (SPEC §7a) -------------------------------------------------
-    def _sweep_points(self, base: Budget | None) -> list[tuple[str, Budget]]:
-        """(tag, budget) of every sweep point, smallest first; tags are known from the config alone."""
-        sweep = self.cfg["budget"]["sweep"]
-        if sweep["kind"] == "budgets":
-            from budgetkd.sweep import budget_tags
-
-            return [
-                (tag, Budget.parse(text)) for tag, text in zip(budget_tags(sweep["points"]), sweep["points"])
-            ]
-        points = []
-        for multiple in sweep["points"]:
-            tag = f"x{multiple:g}"
-            if base is None:
-                points.append((tag, None))
-                continue
-            amount = base.amount * multiple
-            if base.currency == "steps":
-                amount = float(max(1, round(amount)))
-            points.append((tag, Budget(base.currency, amount)))
-        return points
-
-    def _sweep_ids(self) -> list[str]:
-        if not self.cfg["budget"].get("sweep"):
-            return []
-        tags = [tag for tag, _ in self._sweep_points(None)]
-        return [f"{label}@{tag}" for label in self.labels for tag in tags]
-
-    def _teacher_charge(self, book: StageBook) -> dict:
-        """What each KD student pays for the teacher beyond its steps; written to teacher_cost.json."""
-        from budgetkd.sweep import teacher_charge
-
-        spec = self.cfg["teacher_cost"]
-        pretraining = None
-        if spec["mode"] == "amortized":
-            if spec["pretraining"] == "auto":
-                consumed = read_json(self.out / "teacher" / "summary.json", "teacher run summary")["consumed"]
-                pretraining = {"time_s": consumed["time_s"], "flops": consumed["flops"], "source": "auto"}
-            else:
-                given = Budget.parse(spec["pretraining"])
-                pretraining = {{"time": "time_s", "flops": "flops"}[given.currency]: given.amount}
-        charge = teacher_charge(spec["mode"], pretraining=pretraining, students=spec.get("students"))
-        charge["pretraining"] = pretraining
+    def _open(self) -> StageBook:
+        """``DIR/state.json``; forced stages are forgotten and their outputs deleted before any
+        work (killed midway, a plain re-run redoes them instead of trusting outputs that are gone)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        book = StageBook(self.out)
         if self.is_main:
-            atomic_write_json(self.out / "teacher_cost.json", charge)
-        return charge
+            for stage in sorted(self.forced):
+                book.forget(stage)
+                for path in self._stage_outputs(stage):
+                    if path.exists():
+                        shutil.rmtree(path)
+            # The record of a finished experiment is replaced only once this configuration has
+            # passed every stage's fingerprint check (just before the report), never by a refused one.
+            if not (self.out / "experiment.json").exists():
+                atomic_write_json(self.out / "experiment.json", self.cfg)
+        return book
 
-    def _write_sweep_record(self, students: list[dict], charge: dict) -> None:
-        """``DIR/sweep.json``: every point of every strategy, for the sweep report."""
-        record = {
-            "schedule": self.cfg["budget"]["schedule"],
-            "decay_fraction": self.cfg["budget"]["decay_fraction"],
-            "currency": Budget.parse(students[0]["budget"]).currency,
-            "teacher_cost": charge,
-            "points": [tag for tag, _ in self._sweep_points(None)],
-            "students": {
-                e["id"]: {
-                    "label": e["strategy"]["label"],
-                    "strategy": e["strategy"]["name"],
-                    "tag": e["id"].split("@", 1)[1],
-                    "budget": e["budget"],
-                    "amount": Budget.parse(e["budget"]).amount,
-                    "point_amount": e["point"],
-                    "run": str(e["run"]),
-                    "schedule": {k: v for k, v in e["schedule"].items() if k != "snapshots"},
-                }
-                for e in students
-            },
-        }
-        atomic_write_json(self.out / "sweep.json", record)
-
-    def _charged_budget(self, budget: Budget, kd: bool, charge: dict) -> Budget:
-        from budgetkd.sweep import kd_budget_amount
-
-        if not kd or charge["mode"] != "amortized":
-            return budget
-        return Budget(budget.currency, kd_budget_amount(budget.amount, budget.currency, charge))
-
-    def _students(self, budget: str, calibration_label: str | None, charge: dict) -> list[dict]:
-        """Every pretraining run still to do after calibration: one per strategy, or in a sweep one per
-        strategy and point. With ``schedule: wsd`` a strategy's largest point is its trunk (it keeps
-        snapshots where the smaller points branch off) and the other points continue a snapshot."""
-        from budgetkd.strategies import REGISTRY
-        from budgetkd.sweep import branch_amount, check_sweep_points
-
-        cfg = self.cfg
-        base = Budget.parse(budget)
-        schedule, fraction = cfg["budget"]["schedule"], cfg["budget"]["decay_fraction"]
-        runs = self.out / "runs"
-        entries: list[dict] = []
-
-        def entry(strategy, sid, point_budget, schedule_options, reuse=None, point=None):
-            return {
-                "id": sid,
-                "strategy": strategy,
-                "point": (point or point_budget).amount,
-                "budget": point_budget.exact_text(),
-                "run": runs / (reuse or sid),
-                "schedule": schedule_options,
-                "reuse": reuse,
-            }
-
-        if not cfg["budget"]["sweep"]:
-            for strategy in cfg["strategies"]:
-                if strategy["label"] == calibration_label:
-                    continue
-                kd = REGISTRY[strategy["name"]].needs_teacher
-                options = {"schedule": schedule, "decay_fraction": fraction} if schedule == "wsd" else {}
-                entries.append(
-                    entry(strategy, strategy["label"], self._charged_budget(base, kd, charge), options)
-                )
-            return entries
-        points = self._sweep_points(base)
-        for strategy in cfg["strategies"]:
-            label = strategy["label"]
-            kd = REGISTRY[strategy["name"]].needs_teacher
-            charged = [(tag, self._charged_budget(b, kd, charge)) for tag, b in points]
-            nominal = dict(points)
-            if schedule == "linear":
-                for tag, point in charged:
-                    # the calibration run is this strategy at exactly 1× the budget: reuse it
-                    reuse = label if label == calibration_label and tag == "x1" else None
-                    entries.append(entry(strategy, f"{label}@{tag}", point, {}, reuse, nominal[tag]))
-                continue
-            amounts = [b.amount for _, b in charged]
-            warmup = cfg["optimizer"]["warmup"] * amounts[0]  # one warm-up for all points: the smallest's
-            check_sweep_points(amounts, warmup, fraction)
-            wsd = {"schedule": "wsd", "schedule_warmup": warmup, "decay_fraction": fraction}
-            trunk_tag, trunk_budget = charged[-1]
-            trunk_id = f"{label}@{trunk_tag}"
-            snapshots = [branch_amount(a, fraction) for a in amounts[:-1]]
-            entries.append(
-                entry(
-                    strategy,
-                    trunk_id,
-                    trunk_budget,
-                    {**wsd, "snapshots": snapshots},
-                    None,
-                    nominal[trunk_tag],
-                )
-            )
-            for (tag, point), at in zip(charged[:-1], snapshots):
-                start = snapshot_path(runs / trunk_id, at)
-                options = {**wsd, "init_from": str(start)}
-                entries.append(entry(strategy, f"{label}@{tag}", point, options, None, nominal[tag]))
-        return entries
+    def _stage_outputs(self, stage: str) -> list[Path]:
+        kind, _, label = stage.partition(":")
+        if kind in ("data", "teacher"):
+            return [self.out / kind]
+        if kind == "pretrain" and label:
+            return [self.out / "runs" / label]
+        if kind == "glue" and label:
+            return [self.out / "glue" / label]
+        return []
 
     def _pretrain(self, config, stage: str) -> dict:
         """Run or resume one pretraining run directory; a finished one is read back."""
@@ -393,15 +209,34 @@ class Experiment:
             self._say(f"{stage}: resuming {run_dir}")
         return pretrain(config, resume=resume)
 
-    def _stage_outputs(self, stage: str) -> list[Path]:
-        kind, _, label = stage.partition(":")
-        if kind in ("data", "teacher"):
-            return [self.out / kind]
-        if kind == "pretrain" and label:
-            return [self.out / "runs" / label]
-        if kind == "glue" and label:
-            return [self.out / "glue" / label]
-        return []
+    # -- data -----------------------------------------------------------------------------------
+    def data_stage(self) -> None:
+        data_cfg = self.cfg["data"]
+        if data_cfg.get("prepared"):
+            # prepared once, shared: its tokenizer and seq_len were checked by the preflight; its
+            # content fingerprint stands for the data (a moved directory is the same data)
+            meta = read_json(self.data_dir / "meta.json", "dataset metadata (meta.json)")
+            fp = sha256_json({"prepared": meta["fingerprint"], "seed": self.cfg["seed"]})
+            if self.book.done("data", fp, self.forced) is None and self.is_main:
+                self._say(f"stage data: using the prepared dataset {self.data_dir}")
+                result = {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]}
+                self.book.finish("data", fp, result)
+        else:
+            tokenizer, train_vocab = self._tokenizer()
+            fp = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": self.cfg["seed"]})
+            if self.book.done("data", fp, self.forced) is None:
+                self._prepare_data(data_cfg, tokenizer, train_vocab, fp, self.book)
+        self.fp["data"] = fp
+        self.book = StageBook(self.out)
+
+    def _tokenizer(self) -> tuple[str | None, int | None]:
+        """(tokenizer path or hub id, vocabulary size to train) of the data stage."""
+        tokenizer = self.cfg["data"]["tokenizer"]
+        if isinstance(tokenizer, dict):
+            return None, tokenizer["train"]
+        if tokenizer == "teacher":
+            return self.cfg["teacher"]["path"], None
+        return tokenizer, None
 
     def _prepare_data(self, data_cfg: dict, tokenizer, train_vocab, fp_data: str, book: StageBook) -> None:
         """Rank 0 prepares the corpus (with every core); under torchrun the other ranks poll for
@@ -412,301 +247,221 @@ class Experiment:
 
         self._say("stage data: preparing the corpus")
         marker = self.out / DATA_FAILED_MARKER
-        if self.is_main:
-            marker.unlink(missing_ok=True)
-            if "data" in self.forced and (self.out / "data").exists():
-                shutil.rmtree(self.out / "data")
-            try:
-                meta = prepare_dataset(
-                    data_cfg["inputs"],
-                    self.out / "data",
-                    tokenizer=tokenizer,
-                    train_tokenizer=train_vocab,
-                    seq_len=data_cfg["seq_len"],
-                    validation_fraction=data_cfg["validation_fraction"],
-                    seed=self.cfg["seed"],
-                    progress=self.progress,
-                )
-            except BaseException as exc:
-                if dist_utils.world_size() > 1 or dist_utils.launched_by_torchrun():
-                    atomic_write_json(
-                        marker, {"launch": launch_id(), "error": str(exc) or type(exc).__name__}
-                    )
-                raise
-            book.finish(
-                "data",
-                fp_data,
-                {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
-            )
-        else:
+        if not self.is_main:
             # a forced stage's old record may still be there: only one finished by this launch counts
             newer = self.started - 60.0 if "data" in self.forced else 0.0
             wait_for_stage(self.out, "data", fp_data, marker, newer_than=newer)
+            return
+        marker.unlink(missing_ok=True)
+        if "data" in self.forced and (self.out / "data").exists():
+            shutil.rmtree(self.out / "data")
+        try:
+            meta = prepare_dataset(
+                data_cfg["inputs"], self.out / "data", tokenizer=tokenizer, train_tokenizer=train_vocab,
+                seq_len=data_cfg["seq_len"], validation_fraction=data_cfg["validation_fraction"],
+                seed=self.cfg["seed"], progress=self.progress,
+            )  # fmt: skip
+        except BaseException as exc:
+            if dist_utils.world_size() > 1 or dist_utils.launched_by_torchrun():
+                atomic_write_json(marker, {"launch": launch_id(), "error": str(exc) or type(exc).__name__})
+            raise
+        book.finish(
+            "data", fp_data, {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]}
+        )
 
-    # -- stages ---------------------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        book = StageBook(self.out)
-        if self.is_main:
-            # Forced stages are forgotten and their outputs deleted before any work: killed midway,
-            # a plain re-run redoes them instead of trusting outputs that are gone or stale.
-            for stage in sorted(self.forced):
-                book.forget(stage)
-                for path in self._stage_outputs(stage):
-                    if path.exists():
-                        shutil.rmtree(path)
-            # The record of a finished experiment is replaced only once this configuration has
-            # passed every stage's fingerprint check (just before the report), never by a refused one.
-            if not (self.out / "experiment.json").exists():
-                atomic_write_json(self.out / "experiment.json", cfg)
+    # -- teacher --------------------------------------------------------------------------------
+    def teacher_stage(self) -> None:
+        teacher_cfg = self.cfg["teacher"]
+        if teacher_cfg is None:
+            self.fp["teacher"] = "none"
+            return
+        fit = self._head_fit_block(teacher_cfg)
+        # Without a head to fit the fingerprint is the one of a plain path (older experiments
+        # resume); a fitted head's settings, and the decision to fit one, are part of it.
+        fp = sha256_json(
+            {
+                "teacher": {k: v for k, v in teacher_cfg.items() if k != "fit_mlm_head"},
+                "data": self.fp["data"],
+            }
+            if fit is None
+            else {"teacher": teacher_cfg, "fit_mlm_head": fit, "data": self.fp["data"]}
+        )
+        result = self.book.done("teacher", fp, self.forced)
+        if result is None:
+            if "path" in teacher_cfg and fit is not None:
+                result = self._fit_teacher_head(teacher_cfg["path"], fit)
+            elif "path" in teacher_cfg:
+                self._say(f"stage teacher: checking {teacher_cfg['path']}")
+                self._check_teacher_logits(teacher_cfg)
+                result = {"path": teacher_cfg["path"]}
+            else:
+                block = teacher_cfg["pretrain"]
+                self._say(f"stage teacher: pretraining a {block['student']} teacher for {block['budget']}")
+                config = stages.teacher_train_config(self.cfg, self.data_dir, self.out, self.progress)
+                summary = self._pretrain(config, "teacher")
+                result = {
+                    "path": str(self.out / "teacher" / "model"),
+                    "val_mlm_loss": summary["val_mlm_loss"],
+                }
+            if self.is_main:
+                self.book.finish("teacher", fp, result)
+        self.fp["teacher"] = fp
+        self.teacher_path = result["path"]
 
-        # data ----------------------------------------------------------------------------------
-        data_cfg = cfg["data"]
-        teacher_cfg = cfg["teacher"]
-        tokenizer = data_cfg["tokenizer"]
-        train_vocab = None
-        if isinstance(tokenizer, dict):
-            train_vocab, tokenizer = tokenizer["train"], None
-        elif tokenizer == "teacher":
-            tokenizer = teacher_cfg["path"]
-        if data_cfg.get("prepared"):
-            # prepared once, shared: its tokenizer and seq_len were checked by the preflight; its
-            # content fingerprint stands for the data (a moved directory is the same data)
-            from budgetkd.io import read_json as _read
+    # -- calibration ----------------------------------------------------------------------------
+    def calibrate_stage(self) -> None:
+        """No-KD for the calibration epochs; its charged time (or FLOPs) becomes every budget."""
+        cal = self.cfg["budget"].get("calibrate")
+        if cal is None:
+            self.budget = self.cfg["budget"]["explicit"]
+            self.fp["budget"] = sha256_json({"explicit": self.budget})
+            return
+        strategy = stages.calibration(self.cfg)
+        config = stages.calibration_train_config(self.cfg, self.data_dir, self.out, self.progress)
+        fp = sha256_json({"train": config.identity(), "data": self.fp["data"], "calibrate": cal})
+        result = self.book.done("calibrate", fp, self.forced)
+        if result is None:
+            self._say(f"stage calibrate: {strategy['name']} for {cal['epochs']:g} epoch(s) sets the budget")
+            consumed = self._pretrain(config, "calibrate")["consumed"]
+            amount = consumed["time_s"] if cal["currency"] == "time" else consumed["flops"]
+            budget = f"{amount!r}s" if cal["currency"] == "time" else f"{amount!r}flops"
+            result = {"budget": budget, "run": str(Path(config.out)), "label": strategy["label"]}
+            if self.is_main:
+                self.book.finish("calibrate", fp, result)
+        self.budget = result["budget"]
+        self.summaries[result["label"]] = read_json(Path(result["run"]) / "summary.json", "run summary")
+        self.fp["budget"] = fp
+        self._say(f"budget: {self.budget} (calibrated on {cal['epochs']:g} epoch(s) of {cal['strategy']})")
 
-            meta = _read(self.data_dir / "meta.json", "dataset metadata (meta.json)")
-            fp_data = sha256_json({"prepared": meta["fingerprint"], "seed": cfg["seed"]})
-            if book.done("data", fp_data, self.forced) is None and self.is_main:
-                self._say(f"stage data: using the prepared dataset {self.data_dir}")
-                book.finish(
-                    "data",
-                    fp_data,
-                    {"fingerprint": meta["fingerprint"], "sequences": meta["num_train_sequences"]},
-                )
-        else:
-            fp_data = sha256_json({"data": data_cfg, "tokenizer": tokenizer, "seed": cfg["seed"]})
-            if book.done("data", fp_data, self.forced) is None:
-                self._prepare_data(data_cfg, tokenizer, train_vocab, fp_data, book)
-        book = StageBook(self.out)
-
-        # teacher -------------------------------------------------------------------------------
-        teacher_path = None
-        if teacher_cfg is not None:
-            fit = self._head_fit_block(teacher_cfg)
-            # Without a head to fit the fingerprint is the one of a plain path (older experiments
-            # resume); a fitted head's settings, and the decision to fit one, are part of it.
-            fp_teacher = sha256_json(
-                {"teacher": {k: v for k, v in teacher_cfg.items() if k != "fit_mlm_head"}, "data": fp_data}
-                if fit is None
-                else {"teacher": teacher_cfg, "fit_mlm_head": fit, "data": fp_data}
-            )
-            result = book.done("teacher", fp_teacher, self.forced)
-            if result is None:
-                if "path" in teacher_cfg and fit is not None:
-                    result = self._fit_teacher_head(teacher_cfg["path"], fit)
-                elif "path" in teacher_cfg:
-                    self._say(f"stage teacher: checking {teacher_cfg['path']}")
-                    self._check_teacher_logits(teacher_cfg)
-                    result = {"path": teacher_cfg["path"]}
-                else:
-                    from budgetkd.train import TrainConfig
-
-                    block = teacher_cfg["pretrain"]
-                    self._say(
-                        f"stage teacher: pretraining a {block['student']} teacher for {block['budget']}"
-                    )
-                    opt = cfg["optimizer"]
-                    config = TrainConfig(
-                        data=str(self.data_dir),
-                        out=str(self.out / "teacher"),
-                        student=block["student"],
-                        strategy="none",
-                        budget=str(block["budget"]),
-                        batch_size=block["batch_size"] or opt["batch_size"],
-                        micro_batch_size=block["micro_batch_size"],
-                        lr=block["lr"],
-                        dropout=block["dropout"],
-                        seed=cfg["seed"] + 1000,
-                        num_evals=cfg["training"]["num_evals"],
-                        eval_sequences=cfg["training"]["eval_sequences"],
-                        # the teacher is often the longest stage: checkpoint it like the others
-                        checkpoint_interval_s=cfg["training"]["checkpoint_interval_s"],
-                        checkpoint_every_steps=cfg["training"]["checkpoint_every_steps"],
-                        device=cfg["training"]["device"],
-                        progress=self.progress,
-                    )
-                    summary = self._pretrain(config, "teacher")
-                    result = {
-                        "path": str(self.out / "teacher" / "model"),
-                        "val_mlm_loss": summary["val_mlm_loss"],
-                    }
-                if self.is_main:
-                    book.finish("teacher", fp_teacher, result)
-            teacher_path = result["path"]
-        else:
-            fp_teacher = "none"
-
-        # calibration ---------------------------------------------------------------------------
-        budget_cfg = cfg["budget"]
-        # "unlimited data" binds every strategy alike, No-KD included (SPEC §1)
-        max_epochs = 1.0 if cfg["data_setting"] == "unlimited" else None
-        by_label = {s["label"]: s for s in cfg["strategies"]}
-        summaries: dict[str, dict] = {}
-        calibration_label = None
-        if "calibrate" in budget_cfg:
-            cal = budget_cfg["calibrate"]
-            calibration_label = next(
-                (s["label"] for s in cfg["strategies"] if s["name"] == cal["strategy"]), None
-            )
-            strategy = (
-                by_label[calibration_label]
-                if calibration_label
-                else {"name": cal["strategy"], "label": cal["strategy"], "lr": None, "options": {}}
-            )
-            label = strategy["label"]
-            config = self._train_config(
-                strategy=strategy,
-                budget=f"{cal['epochs']}epochs",
-                out=self.out / "runs" / label,
-                teacher=None,
-                max_epochs=max_epochs,
-            )
-            fp_cal = sha256_json({"train": config.identity(), "data": fp_data, "calibrate": cal})
-            result = book.done("calibrate", fp_cal, self.forced)
-            if result is None:
-                self._say(
-                    f"stage calibrate: {strategy['name']} for {cal['epochs']:g} epoch(s) sets the budget"
-                )
-                summary = self._pretrain(config, "calibrate")
-                consumed = summary["consumed"]
-                amount = consumed["time_s"] if cal["currency"] == "time" else consumed["flops"]
-                budget = f"{amount!r}s" if cal["currency"] == "time" else f"{amount!r}flops"
-                result = {"budget": budget, "run": str(self.out / "runs" / label), "label": label}
-                if self.is_main:
-                    book.finish("calibrate", fp_cal, result)
-            budget = result["budget"]
-            summaries[result["label"]] = read_json(Path(result["run"]) / "summary.json", "run summary")
-            fp_budget = fp_cal
-            self._say(f"budget: {budget} (calibrated on {cal['epochs']:g} epoch(s) of {cal['strategy']})")
-        else:
-            budget = budget_cfg["explicit"]
-            fp_budget = sha256_json({"explicit": budget})
-
-        # pretraining of every other strategy (and, in a sweep, every strategy at every point) --
-        charge = self._teacher_charge(book)
-        students = self._students(budget, calibration_label, charge)
-        for entry in students:
-            if entry["reuse"]:
-                summaries[entry["id"]] = summaries[entry["reuse"]]
+    # -- pretraining of every other strategy (in a sweep: every strategy at every point) ----------
+    def pretrain_stages(self) -> None:
+        charge = self._teacher_charge()
+        runs = stages.student_runs(self.cfg, self.out, Budget.parse(self.budget), charge)
+        for run in runs:
+            if run.reuse:
+                self.summaries[run.id] = self.summaries[run.reuse]
                 continue
-            strategy, label = entry["strategy"], entry["id"]
-            from budgetkd.strategies import REGISTRY
-
-            kd = REGISTRY[strategy["name"]].needs_teacher
-            config = self._train_config(
-                strategy=strategy,
-                budget=entry["budget"],
-                out=entry["run"],
-                teacher=teacher_path,
-                max_epochs=max_epochs,
-                **entry["schedule"],
-                charge_teacher=not kd or charge["charge_forward"],
+            config = stages.run_train_config(
+                self.cfg, self.data_dir, run, self.teacher_path, charge, self.progress
             )
-            stage = f"pretrain:{label}"
             fp = sha256_json(
-                {"train": config.identity(), "budget": fp_budget, "teacher": fp_teacher, "data": fp_data}
-            )
-            result = book.done(stage, fp, self.forced)
+                {"train": config.identity(), "budget": self.fp["budget"], "teacher": self.fp["teacher"],
+                 "data": self.fp["data"]}
+            )  # fmt: skip
+            result = self.book.done(run.stage, fp, self.forced)
             if result is None:
-                self._say(f"stage {stage}: {strategy['name']} for {entry['budget']}")
-                _check_branch_point(entry)
-                summary = self._pretrain(config, stage)
-                result = {"run": str(entry["run"])}
+                self._say(f"stage {run.stage}: {run.strategy['name']} for {run.budget.exact_text()}")
+                _check_branch_point(run)
+                self._pretrain(config, run.stage)
+                result = {"run": str(run.run_dir)}
                 if self.is_main:
-                    book.finish(stage, fp, result)
-            summaries[label] = read_json(Path(result["run"]) / "summary.json", "run summary")
-        self.student_runs = {e["id"]: Path(e["run"]) for e in students}
-        if cfg["budget"].get("sweep") and self.is_main:
-            self._write_sweep_record(students, charge)
-        self.student_ids = [e["id"] for e in students] if cfg["budget"].get("sweep") else self.labels
+                    self.book.finish(run.stage, fp, result)
+            self.summaries[run.id] = read_json(Path(result["run"]) / "summary.json", "run summary")
+        self.student_runs = {r.id: r.run_dir for r in runs}
+        if self.cfg["budget"].get("sweep") and self.is_main:
+            self._write_sweep_record(runs, charge)
 
-        fairness = self._check_fairness(summaries)
+    def _teacher_charge(self) -> dict:
+        """What each KD student pays for the teacher beyond its steps; written to teacher_cost.json."""
+        pretraining = None
+        spec = self.cfg["teacher_cost"]
+        if spec["mode"] == "amortized" and spec["pretraining"] == "auto":
+            consumed = read_json(self.out / "teacher" / "summary.json", "teacher run summary")["consumed"]
+            pretraining = {"time_s": consumed["time_s"], "flops": consumed["flops"], "source": "auto"}
+        charge = stages.teacher_charge(self.cfg, pretraining)
+        if self.is_main:
+            atomic_write_json(self.out / "teacher_cost.json", charge)
+        return charge
 
-        # GLUE ----------------------------------------------------------------------------------
-        # Every rank takes jobs (student × task × configuration group × seed) through the files
-        # of the ledger (budgetkd.glue.ledger); no collective is held open during the hours of
-        # GLUE: after one barrier (rank 0 has deleted forced outputs) the process group is closed,
-        # and rank 0 waits for the last job by polling the run files.
+    def _write_sweep_record(self, runs: list[stages.StudentRun], charge: dict) -> None:
+        """``DIR/sweep.json``: every point of every strategy, for the sweep report."""
+        record = {
+            "schedule": self.cfg["budget"]["schedule"],
+            "decay_fraction": self.cfg["budget"]["decay_fraction"],
+            "currency": runs[0].budget.currency,
+            "teacher_cost": charge,
+            "points": [tag for tag, _ in stages.sweep_points(self.cfg, None)],
+            "students": {
+                r.id: {
+                    "label": r.strategy["label"], "strategy": r.strategy["name"], "tag": r.id.split("@", 1)[1],
+                    "budget": r.budget.exact_text(), "amount": r.budget.amount, "point_amount": r.point,
+                    "run": str(r.run_dir), "schedule": {k: v for k, v in r.schedule.items() if k != "snapshots"},
+                }
+                for r in runs
+            },
+        }  # fmt: skip
+        atomic_write_json(self.out / "sweep.json", record)
+
+    # -- GLUE -----------------------------------------------------------------------------------
+    def glue_stage(self) -> None:
+        """Every rank takes jobs (student × task × configuration group × seed) through the files
+        of the ledger (budgetkd.glue.ledger); no collective is held open during the hours of GLUE:
+        after one barrier (rank 0 has deleted forced outputs) the process group is closed, and
+        rank 0 waits for the last job by polling the run files."""
         dist_utils.barrier()
         dist_utils.destroy()
-        book = StageBook(self.out)  # rank 0's view, re-read after the barrier
-        glue_cfg = cfg["glue"]
+        self.book = StageBook(self.out)  # rank 0's view, re-read after the barrier
+        glue_cfg = self.cfg["glue"]
         # keys added after the first release count only when set, so finished stages stay finished
-        glue_identity = {
+        identity = {
             k: v for k, v in glue_cfg.items() if k not in _GLUE_LATER_KEYS or v != _GLUE_LATER_KEYS[k]
         }
         pending = []
-        for label in self.student_ids:
-            stage = f"glue:{label}"
-            summary = summaries[label]
+        for sid in self.student_ids:
+            summary = self.summaries[sid]
             fp = sha256_json(
-                {"glue": glue_identity, "model": summary["init_fingerprint"], "run": summary["consumed"]}
+                {"glue": identity, "model": summary["init_fingerprint"], "run": summary["consumed"]}
             )
-            if book.done(stage, fp, self.forced if self.is_main else set()) is None:
-                pending.append((label, stage, fp))
+            if self.book.done(f"glue:{sid}", fp, self.forced if self.is_main else set()) is None:
+                pending.append((sid, f"glue:{sid}", fp))
         if pending:
-            from budgetkd.glue.pipeline import finish_glue, plan_glue, run_plans
+            self._run_glue(pending)
 
-            with contextlib.ExitStack() as lock:
-                plans = []
-                for label, stage, _ in pending:
-                    run_dir = self.student_runs.get(label, self.out / "runs" / label)
-                    self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
-                    plans.append(
-                        plan_glue(
-                            run_dir / "model",
-                            self.out / "glue" / label,
-                            glue_dir=glue_cfg["dir"],
-                            hub=glue_cfg["dir"] is None,
-                            tasks=glue_cfg["tasks"],
-                            grid=glue_cfg["grid"],
-                            epochs=glue_cfg["epochs"],
-                            seeds=glue_cfg["seeds"],
-                            max_train_examples=glue_cfg["max_train_examples"],
-                            max_eval_examples=glue_cfg["max_eval_examples"],
-                            save_predictions=glue_cfg["save_predictions"],
-                            device=glue_cfg["device"],
-                            threads=glue_cfg["threads"],
-                            stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
-                            group_by_length=glue_cfg["group_by_length"],
-                            label=label,
-                            lock=lock if self.is_main else None,
-                        )
+    def _run_glue(self, pending: list[tuple[str, str, str]]) -> None:
+        from budgetkd.glue.pipeline import finish_glue, plan_glue, run_plans
+
+        glue_cfg = self.cfg["glue"]
+        with contextlib.ExitStack() as lock:
+            plans = []
+            for sid, stage, _ in pending:
+                run_dir = self.student_runs.get(sid, self.out / "runs" / sid)
+                self._say(f"stage {stage}: fine-tuning {run_dir / 'model'}")
+                plans.append(
+                    plan_glue(
+                        run_dir / "model", self.out / "glue" / sid, glue_dir=glue_cfg["dir"],
+                        hub=glue_cfg["dir"] is None, tasks=glue_cfg["tasks"], grid=glue_cfg["grid"],
+                        epochs=glue_cfg["epochs"], seeds=glue_cfg["seeds"],
+                        max_train_examples=glue_cfg["max_train_examples"],
+                        max_eval_examples=glue_cfg["max_eval_examples"], save_predictions=glue_cfg["save_predictions"],
+                        device=glue_cfg["device"], threads=glue_cfg["threads"],
+                        stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
+                        group_by_length=glue_cfg["group_by_length"], label=sid, lock=lock if self.is_main else None,
                     )
-                run_plans(plans, progress=self.progress)
-                if self.is_main:
-                    for plan, (_, stage, fp) in zip(plans, pending):
-                        glue = finish_glue(plan)
-                        result = {"glue": str(plan.out / "glue.json"), "average": glue.get("average")}
-                        book.finish(stage, fp, result)
-        if not self.is_main:
-            return {}
+                )  # fmt: skip
+            run_plans(plans, progress=self.progress)
+            if self.is_main:
+                for plan, (_, stage, fp) in zip(plans, pending):
+                    glue = finish_glue(plan)
+                    self.book.finish(
+                        stage, fp, {"glue": str(plan.out / "glue.json"), "average": glue.get("average")}
+                    )
 
-        # report --------------------------------------------------------------------------------
+    # -- report ---------------------------------------------------------------------------------
+    def report_stage(self, fairness: dict) -> dict:
         from budgetkd.report import write_report
 
         self._say("stage report: writing tables and plots")
-        atomic_write_json(self.out / "experiment.json", cfg)
-        if cfg["budget"].get("sweep"):
+        atomic_write_json(self.out / "experiment.json", self.cfg)
+        sweep = bool(self.cfg["budget"].get("sweep"))
+        if sweep:
             from budgetkd.sweep_report import write_sweep_report
 
             paths = write_sweep_report(self.out)
         else:
             paths = write_report(self.out)
-        book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
+        self.book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
         atomic_write_json(self.out / "fairness.json", fairness)
-        self._say(f"done: {self.out / ('sweep.md' if cfg['budget'].get('sweep') else 'table.md')}")
+        self._say(f"done: {self.out / ('sweep.md' if sweep else 'table.md')}")
         return {"fairness": fairness, "report": [str(p) for p in paths]}
 
     # -- the teacher's MLM head ------------------------------------------------------------------
@@ -804,10 +559,10 @@ class Experiment:
         return checks
 
 
-def _check_branch_point(entry: dict) -> None:
+def _check_branch_point(run: stages.StudentRun) -> None:
     """A wsd branch needs its trunk's snapshot; a trunk that stopped at the data limit (a time
     budget under data_setting: unlimited) may never have reached it: say so, not "cannot read"."""
-    start = entry["schedule"].get("init_from")
+    start = run.schedule.get("init_from")
     if not start or Path(start).is_file():
         return
     trunk = Path(start).parent.parent
@@ -816,20 +571,13 @@ def _check_branch_point(entry: dict) -> None:
         summary = read_json(summary_path, "run summary")
         if summary.get("stopped_by") == "data limit":
             raise BudgetKDError(
-                f"sweep point {entry['id']} branches from {start}, but its trunk {trunk.name} stopped at the "
+                f"sweep point {run.id} branches from {start}, but its trunk {trunk.name} stopped at the "
                 f"data limit (data_setting: unlimited, {summary['consumed']['epochs']:.2f} epoch) before "
                 "reaching it; lower the largest point or set data_setting: limited"
             )
     raise BudgetKDError(
-        f"sweep point {entry['id']} branches from {start}, which its trunk {trunk.name} never wrote"
+        f"sweep point {run.id} branches from {start}, which its trunk {trunk.name} never wrote"
     )
-
-
-def snapshot_path(run_dir: Path, amount: float) -> Path:
-    """Where a wsd trunk keeps its state at ``amount`` (the same rule as ``Pretrainer.snapshot_path``)."""
-    from budgetkd.train import snapshot_file
-
-    return run_dir / snapshot_file(amount)
 
 
 def compare(
@@ -844,14 +592,9 @@ def compare(
     out = Path(out)
     _refuse_foreign(out)
     # Fail before compute: every check that configs, tokenizers and file listings allow, on
-    # every rank (each refuses the same way), before any stage writes anything.
-    from budgetkd.plan import preflight
-
-    resolved = preflight(cfg, out, dist_utils.world_size())
-    if dist_utils.rank() == 0:
-        for note in resolved.notes:
-            print(f"[compare] note: {note}", flush=True)
-    plan = _sweep_plan(cfg, out, resolved) if cfg["budget"].get("sweep") else None
+    # every rank (each refuses the same way), before any stage writes anything — the dry run's
+    # checks and its plan, which refuses what the data limit or the teacher's charge forbids.
+    plan = _checked_plan(cfg, out, force)
     # every rank has looked at --out before rank 0 writes into it (its lock, experiment.json's
     # temp file): otherwise a slower rank can take rank 0's first files for a foreign directory
     dist_utils.barrier()
@@ -859,7 +602,7 @@ def compare(
     if lock is not None:
         lock.acquire()
     try:
-        if lock is not None and plan is not None:
+        if lock is not None and cfg["budget"].get("sweep"):
             from budgetkd.plan import render_plan, write_plan
 
             print(render_plan(plan), flush=True)
@@ -870,14 +613,18 @@ def compare(
             lock.release()
 
 
-def _sweep_plan(cfg: dict, out: Path, resolved) -> dict:
-    """A sweep's plan, built on every rank (each refuses alike): what will be trained, in FLOPs
-    (hours with ``--dry-run --probe``) and what the schedule saves; rank 0 prints it first and
-    writes DIR/plan.json (issue 15). A point beyond the data limit is refused here."""
-    from budgetkd.plan import build_plan, check_sweep_fits_data
+def _checked_plan(cfg: dict, out: Path, force: list[str] | None) -> dict:
+    """The preflight and the plan, built on every rank (each refuses alike), before anything is
+    written: a refused compare leaves --out as it was."""
+    from budgetkd.plan import build_plan, check_fits_data, preflight
 
+    stages.expand_forced(cfg, list(force or []))  # an unknown --force stage
+    resolved = preflight(cfg, out, dist_utils.world_size())
+    if dist_utils.rank() == 0:
+        for note in resolved.notes:
+            print(f"[compare] note: {note}", flush=True)
     plan = build_plan(cfg, out, resolved)
-    check_sweep_fits_data(plan, resolved.data.exact)
+    check_fits_data(plan, resolved.data.exact)
     return plan
 
 
@@ -934,10 +681,9 @@ def dry_run(
     if dist_utils.rank() == 0:
         print(json.dumps(plan, indent=1, default=str) if as_json else render_plan(plan), flush=True)
         write_plan(plan, out / "plan.json")
-    if cfg["budget"].get("sweep"):  # what compare would refuse, the dry run refuses too
-        from budgetkd.plan import check_sweep_fits_data
+    from budgetkd.plan import check_fits_data
 
-        check_sweep_fits_data(plan, resolved.data.exact)
+    check_fits_data(plan, resolved.data.exact)  # what compare would refuse, the dry run refuses too
     return plan
 
 

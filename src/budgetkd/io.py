@@ -172,8 +172,12 @@ class DirectoryLock:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._handle = None
+        self._created: list[Path] = []  # what acquire made (removed again if nothing else came)
 
     def acquire(self) -> DirectoryLock:
+        missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        lock_file = self.directory / ".lock"
+        had_lock = lock_file.exists()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -193,11 +197,22 @@ class DirectoryLock:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._handle = handle
+        self._created = ([] if had_lock else [lock_file]) + missing
         return self
 
     def release(self) -> None:
+        """Unlock; a lock file (and directories) that this lock created in a directory where
+        nothing else was written are removed, so a refused run leaves no trace (still locked
+        while it is deleted: no other process can hold it then)."""
         if self._handle is not None:
             with contextlib.suppress(OSError):
+                if self._created and self._created[0].name == ".lock":
+                    if [p.name for p in self.directory.iterdir()] == [".lock"]:
+                        self._created[0].unlink()
+                for folder in (
+                    self._created[1:] if self._created and self._created[0].name == ".lock" else self._created
+                ):
+                    folder.rmdir()  # only when empty
                 fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None

@@ -420,87 +420,110 @@ def check_teacher_for(
 
 def preflight(cfg: dict, out: Path, world_size: int, *, check_out: bool = True) -> Resolved:
     """Every check that needs no compute (module docstring); the first failure is raised."""
-    import torch
-
-    from budgetkd.data.dataset import resolve_micro_batch
-    from budgetkd.models import resolve_architecture
-    from budgetkd.strategies import REGISTRY
-
     notes: list[str] = []
     if check_out:
         check_output_dir(out)
-    opt = cfg["optimizer"]
-    try:
-        micro = resolve_micro_batch(opt["batch_size"], world_size, opt["micro_batch_size"])
-    except BudgetKDError as exc:
-        raise BudgetKDError(f"config key 'optimizer.batch_size': {exc}") from None
-    data_cfg, teacher_cfg = cfg["data"], cfg["teacher"]
-    seq_len = data_cfg["seq_len"]
+    micro = _micro_batch(cfg["optimizer"]["batch_size"], world_size, cfg["optimizer"]["micro_batch_size"],
+                         "optimizer.batch_size")  # fmt: skip
     data = data_info(cfg, out, notes)
+    seq_len = cfg["data"]["seq_len"]
     if data.meta is not None and int(data.meta["seq_len"]) != seq_len:
         raise BudgetKDError(
             f"config key 'data.seq_len' is {seq_len}, but the prepared dataset {data.prepared} has sequences of "
             f"{data.meta['seq_len']} tokens; set data.seq_len: {data.meta['seq_len']} or prepare the data again"
         )
+    tokenizer = _tokenizer_of(cfg, data, notes)
+    teacher, teacher_micro = _teacher_of(cfg, tokenizer, world_size, notes)
+    from budgetkd.models import resolve_architecture
 
-    teacher = None
-    teacher_micro = None
-    if teacher_cfg is not None and "path" in teacher_cfg:
-        teacher = teacher_info(teacher_cfg["path"], notes)
+    student_vocab = tokenizer.vocab or (teacher.vocab if teacher else 30522)
+    student = _student_info(resolve_architecture(cfg["student"]), student_vocab, seq_len)
+    strategies = _strategies_of(cfg, student, teacher, tokenizer.vocab)
+    if cfg["glue"]["dir"] is not None:
+        glue_sizes(cfg)  # the local GLUE files: every requested task and split
+    return Resolved(
+        world_size=world_size, per_rank_batch=cfg["optimizer"]["batch_size"] // world_size, micro_batch=micro,
+        teacher=teacher, tokenizer=tokenizer, data=data, student=student, strategies=strategies,
+        teacher_pretrain_micro=teacher_micro, notes=notes,
+    )  # fmt: skip
+
+
+def _micro_batch(batch: int, world_size: int, most: int | None, key: str) -> int:
+    from budgetkd.data.dataset import resolve_micro_batch
+
+    try:
+        return resolve_micro_batch(batch, world_size, most)
+    except BudgetKDError as exc:
+        raise BudgetKDError(f"config key {key!r}: {exc}") from None
+
+
+def _tokenizer_of(cfg: dict, data: DataInfo, notes: list[str]) -> TokenizerInfo:
+    """The data's tokenizer (the teacher's, a given one, or one to train), checked against a
+    prepared dataset."""
+    data_cfg, teacher_cfg = cfg["data"], cfg["teacher"]
     tok = data_cfg["tokenizer"]
     train_vocab = tok["train"] if isinstance(tok, dict) else None
     spec = teacher_cfg["path"] if tok == "teacher" else (None if isinstance(tok, dict) else tok)
     tokenizer = tokenizer_info(spec, train_vocab, data.prepared, notes)
     if data.prepared is not None and data_cfg.get("prepared"):
         _check_prepared_tokenizer(tok, tokenizer, data.prepared)
-    vocab = tokenizer.vocab
-    if teacher_cfg is not None and "pretrain" in teacher_cfg:
+    return tokenizer
+
+
+def _teacher_of(cfg: dict, tokenizer: TokenizerInfo, world_size: int, notes: list[str]):
+    """(the teacher's shape or None, the micro-batch of a teacher budgetkd pretrains), checked
+    against the data's vocabulary and sequence length."""
+    from budgetkd.models import resolve_architecture
+
+    teacher_cfg, seq_len, vocab = cfg["teacher"], cfg["data"]["seq_len"], tokenizer.vocab
+    if teacher_cfg is None:
+        return None, None
+    if "pretrain" in teacher_cfg:
         block = teacher_cfg["pretrain"]
         arch = resolve_architecture(block["student"])
         teacher = ModelInfo(
-            source="teacher pretrained by budgetkd",
-            layers=arch.layers,
-            hidden=arch.hidden,
-            heads=arch.heads,
-            intermediate=arch.intermediate,
-            vocab=vocab or 30522,
-            max_positions=max(512, seq_len),
-            has_mlm_head=True,
-            origin="pretrained by budgetkd",
+            source="teacher pretrained by budgetkd", layers=arch.layers, hidden=arch.hidden, heads=arch.heads,
+            intermediate=arch.intermediate, vocab=vocab or 30522, max_positions=max(512, seq_len),
+            has_mlm_head=True, origin="pretrained by budgetkd",
+        )  # fmt: skip
+        batch = block["batch_size"] or cfg["optimizer"]["batch_size"]
+        return teacher, _micro_batch(
+            batch, world_size, block["micro_batch_size"], "teacher.pretrain.batch_size"
         )
-        try:
-            teacher_micro = resolve_micro_batch(
-                block["batch_size"] or opt["batch_size"], world_size, block["micro_batch_size"]
-            )
-        except BudgetKDError as exc:
-            raise BudgetKDError(f"config key 'teacher.pretrain.batch_size': {exc}") from None
+    teacher = teacher_info(teacher_cfg["path"], notes)
+    if teacher is None:
+        return None, None
+    if vocab is not None and teacher.vocab != vocab:
+        raise BudgetKDError(
+            f"vocabulary mismatch: teacher {teacher.source} has {teacher.vocab} tokens, the data's tokenizer "
+            f"({tokenizer.source}) {vocab}; set data.tokenizer: teacher"
+        )
+    if tokenizer.vocabulary is not None and teacher.origin == "local":
+        _check_same_vocabulary(Path(teacher.source), tokenizer)
+    if seq_len > teacher.max_positions:
+        raise BudgetKDError(
+            f"config key 'data.seq_len': {seq_len} exceeds the teacher's {teacher.max_positions} positions "
+            f"({teacher.source})"
+        )
+    return teacher, None
 
-    if teacher is not None and teacher.origin != "pretrained by budgetkd":
-        if vocab is not None and teacher.vocab != vocab:
-            raise BudgetKDError(
-                f"vocabulary mismatch: teacher {teacher.source} has {teacher.vocab} tokens, the data's tokenizer "
-                f"({tokenizer.source}) {vocab}; set data.tokenizer: teacher"
-            )
-        if tokenizer.vocabulary is not None and teacher.origin == "local":
-            _check_same_vocabulary(Path(teacher.source), tokenizer)
-        if seq_len > teacher.max_positions:
-            raise BudgetKDError(
-                f"config key 'data.seq_len': {seq_len} exceeds the teacher's {teacher.max_positions} positions "
-                f"({teacher.source})"
-            )
 
-    arch = resolve_architecture(cfg["student"])
-    student_vocab = vocab or (teacher.vocab if teacher else 30522)
-    student = _student_info(arch, student_vocab, seq_len)
+def _strategies_of(cfg: dict, student: ModelInfo, teacher: ModelInfo | None, vocab) -> dict:
+    """Every strategy built from the configs alone (options, head counts, layer maps checked);
+    a KD strategy whose teacher is unknown offline is left out (noted)."""
+    import torch
+
+    from budgetkd.strategies import REGISTRY
+
     s_config = student.bert_config()
-    strategies = {}
     t_config = teacher.bert_config() if teacher is not None else None
+    strategies = {}
     for index, entry in enumerate(cfg["strategies"]):
         cls = REGISTRY[entry["name"]]
         if cls.needs_teacher and teacher is None:
             continue  # the teacher is unknown offline: noted above
         if cls.needs_teacher:
-            check_teacher_for(cls, entry["label"], teacher, teacher_cfg, seq_len, vocab)
+            check_teacher_for(cls, entry["label"], teacher, cfg["teacher"], cfg["data"]["seq_len"], vocab)
         try:
             with torch.random.fork_rng(devices=[]):  # the projections it creates draw random numbers
                 strategies[entry["label"]] = cls(
@@ -508,20 +531,7 @@ def preflight(cfg: dict, out: Path, world_size: int, *, check_out: bool = True) 
                 )
         except BudgetKDError as exc:
             raise BudgetKDError(f"config key 'strategies[{index}]' ({entry['label']}): {exc}") from None
-    if cfg["glue"]["dir"] is not None:
-        glue_sizes(cfg)  # the local GLUE files: every requested task and split
-    return Resolved(
-        world_size=world_size,
-        per_rank_batch=opt["batch_size"] // world_size,
-        micro_batch=micro,
-        teacher=teacher,
-        tokenizer=tokenizer,
-        data=data,
-        student=student,
-        strategies=strategies,
-        teacher_pretrain_micro=teacher_micro,
-        notes=notes,
-    )
+    return strategies
 
 
 def _check_prepared_tokenizer(tok, tokenizer: TokenizerInfo, prepared: Path) -> None:
@@ -641,6 +651,158 @@ def sequence_flops(
     return flops.training_flops(student_fwd + extra_s), teacher_flops
 
 
+# ---------------------------------------------------------------------------------------------
+# What each pretraining run consumes (the plan's numbers, from budgetkd.stages: the run's own
+# derivation and the trainer's own meter)
+# ---------------------------------------------------------------------------------------------
+EXACT_PLAN_ROWS = 4_000_000  # rows a plan reads to count every step exactly (≈ 0.5 B tokens at L=128)
+
+
+class StepCosts:
+    """(tokens, student FLOPs, teacher FLOPs) of optimizer step k of one strategy.
+
+    With the prepared data the step's rows are known (the data order is a function of the seed):
+    its real tokens are counted, and with ``fixed_mask_count`` its masked positions too, so the
+    figures are the run's own. Otherwise (data not prepared yet, or random masks) a step has
+    B·(L−1) tokens and 15 % of B·(L−2) masked positions: an estimate."""
+
+    def __init__(
+        self, cfg: dict, resolved: Resolved, strategy, batch: int, rows_budget: int = EXACT_PLAN_ROWS
+    ):
+        from budgetkd.train import step_flops
+
+        self.strategy, self.batch = strategy, batch
+        self.seq_len = cfg["data"]["seq_len"]
+        self.fixed = cfg["training"]["fixed_mask_count"]
+        self.seed = cfg["seed"]
+        self.meta = resolved.data.meta
+        self.data_dir = resolved.data.prepared
+        self.student, self.teacher = resolved.student.shape, None
+        if strategy.needs_teacher and resolved.teacher is not None:
+            self.teacher = resolved.teacher.shape
+        self._flops = lambda predicted: step_flops(
+            strategy, self.student, self.teacher, self.seq_len, batch, predicted
+        )
+        self.rows_budget = rows_budget
+        self._data = None
+        self._perm: dict[int, Any] = {}
+        self._cache: dict[int, tuple[float, float, float]] = {}
+
+    def per_sequence(self) -> tuple[float, float]:
+        """(student, teacher) FLOPs of one sequence at 15 % of L−2 masked positions."""
+        from budgetkd.train import step_flops
+
+        return step_flops(
+            self.strategy, self.student, self.teacher, self.seq_len, 1, MASK_PROBABILITY * (self.seq_len - 2)
+        )
+
+    def exact_for(self, steps: int) -> bool:
+        """Whether the first ``steps`` steps are counted exactly (prepared data, few enough rows to
+        read, and masked counts that do not depend on random draws — or do not matter)."""
+        masks_matter = self.strategy.needs_student_logits or self.strategy.needs_teacher_logits
+        return (
+            self.meta is not None
+            and steps * self.batch <= self.rows_budget
+            and (self.fixed or not masks_matter)
+        )
+
+    def __call__(self, step: int) -> tuple[float, float, float]:
+        if self.meta is None or (step + 1) * self.batch > self.rows_budget:
+            if -1 not in self._cache:
+                self._cache[-1] = self._estimated()
+            return self._cache[-1]
+        if step not in self._cache:
+            self._cache[step] = self._counted(step)
+        return self._cache[step]
+
+    def _estimated(self) -> tuple[float, float, float]:
+        predicted = MASK_PROBABILITY * (self.seq_len - 2) * self.batch
+        return (float(self.batch * (self.seq_len - 1)), *self._flops(predicted))
+
+    def _counted(self, step: int) -> tuple[float, float, float]:
+        import numpy as np
+
+        rows = self._data_rows(step)
+        pad, special = self._special()
+        real = rows != pad
+        candidates = (real & ~np.isin(rows, special)).sum(1)
+        if self.fixed:
+            predicted = float(np.round(candidates.astype(np.float32) * np.float32(MASK_PROBABILITY)).sum())
+        else:
+            predicted = MASK_PROBABILITY * float(candidates.sum())
+        return (float(real.sum()), *self._flops(int(predicted) if self.fixed else predicted))
+
+    def _special(self):
+        ids = self.meta["special_ids"]
+        return int(ids["pad"]), [int(i) for i in ids["all"]]
+
+    def _data_rows(self, step: int):
+        """The rows of step ``step``: global sequences k·B … k·B+B−1 in the seeded epoch orders."""
+        import numpy as np
+
+        from budgetkd.data import PackedData
+        from budgetkd.data.dataset import epoch_permutation
+
+        if self._data is None:
+            self._data = PackedData(self.data_dir)
+        n = self._data.num_train
+        numbers = np.arange(step * self.batch, (step + 1) * self.batch)
+        out = np.empty(len(numbers), dtype=np.int64)
+        for epoch in np.unique(numbers // n):
+            if int(epoch) not in self._perm:
+                self._perm[int(epoch)] = epoch_permutation(n, self.seed, int(epoch))
+            sel = numbers // n == epoch
+            out[sel] = self._perm[int(epoch)][numbers[sel] % n]
+        return np.asarray(self._data.train[np.sort(out)])
+
+
+def _consumption(
+    run_budget, costs: StepCosts, cfg: dict, n_train, *, charge_teacher: bool, rate, tokens_per_seq
+):
+    """What a run of ``run_budget`` consumes: the trainer's meter over the known step costs, or
+    for a time budget the steps that the throughput buys (an estimate)."""
+    from budgetkd import stages
+
+    batch = cfg["optimizer"]["batch_size"]
+    limit = (
+        None
+        if n_train is None
+        else stages.data_limit_steps(run_budget, stages.max_epochs(cfg), int(n_train), batch)
+    )
+    if run_budget.currency == "time":
+        if rate is None:
+            return None
+        per_step = batch * tokens_per_seq / rate
+        steps = math.ceil(run_budget.amount / per_step - 1e-9)
+        capped = limit is not None and steps > limit
+        needed = steps * batch
+        steps = min(steps, limit) if capped else steps
+        tokens, fs, ft = costs._estimated()
+        return stages.Consumption(
+            steps,
+            steps * batch,
+            steps * tokens,
+            steps * (fs + ft),
+            steps * fs,
+            steps * ft,
+            capped,
+            False,
+            needed,
+        )
+    if run_budget.currency == "epochs" and n_train is None:
+        return None
+    consumption = stages.simulate_consumption(
+        run_budget,
+        batch,
+        costs,
+        num_train=int(n_train or 1),
+        data_limit_steps=limit,
+        charge_teacher=charge_teacher,
+    )
+    consumption.exact = costs.exact_for(consumption.steps)
+    return consumption
+
+
 def _hours(seconds: float | None) -> float | None:
     return None if seconds is None else seconds / 3600.0
 
@@ -653,202 +815,282 @@ def build_plan(
     tokens_per_s: dict[str, float] | None = None,
     assumed_tokens_per_s: float | None = None,
 ) -> dict:
-    """The plan as plain data (what ``DIR/plan.json`` holds). ``tokens_per_s``: measured by the
+    """The plan as plain data (what ``DIR/plan.json`` holds): the stages of
+    :func:`budgetkd.stages.stage_ids`, each with its estimate. ``tokens_per_s``: measured by the
     probe per strategy label, for one process; ``assumed_tokens_per_s``: the No-KD rate of the
-    whole launch (all processes)."""
-    from budgetkd.budget import Budget
-    from budgetkd.glue.search import parse_grid
-    from budgetkd.strategies import REGISTRY
+    whole launch (all processes). Refuses (as the run would, before it) a budget that the data
+    limit or an amortized teacher charge makes impossible."""
+    rates, rate_source = _rates(cfg, resolved, tokens_per_s, assumed_tokens_per_s)
+    stages_ = [_data_entry(cfg, out, resolved), *_teacher_entry(cfg, out, resolved)]
+    pretraining, students, sweep_summary = _pretraining_entries(cfg, out, resolved, rates)
+    glue_jobs, glue_entries = _glue_entries(cfg, out, resolved, students, rates)
+    stages_ += pretraining + glue_entries
+    stages_.append({"stage": "report", "dir": str(out), "what": "table.{md,csv,tex}, budget.md, plots/", "flops": 0.0,
+                    "device_hours": 0.0})  # fmt: skip
+    return _plan_record(cfg, out, resolved, stages_, glue_jobs, sweep_summary, rates, rate_source)
 
-    world = resolved.world_size
-    seq_len = cfg["data"]["seq_len"]
-    opt = cfg["optimizer"]
-    batch = opt["batch_size"]
-    tokens_per_seq = seq_len - 1  # packed rows are full but for the last one; [CLS]…[SEP] counted
-    n_train = resolved.data.train_sequences
+
+def _plan_record(cfg, out, resolved, stages_, glue_jobs, sweep_summary, rates, rate_source) -> dict:
+    known_hours = [s.get("device_hours") for s in stages_]
+    return {
+        "version": 1,
+        "name": cfg["name"],
+        "out": str(out),
+        "world_size": resolved.world_size,
+        "global_batch": cfg["optimizer"]["batch_size"],
+        "per_process_batch": resolved.per_rank_batch,
+        "micro_batch": resolved.micro_batch,
+        "accumulation_steps": resolved.per_rank_batch // resolved.micro_batch,
+        "max_micro_batch": cfg["optimizer"]["micro_batch_size"],
+        "seq_len": cfg["data"]["seq_len"],
+        "student": resolved.student.__dict__ | {"source": str(resolved.student.source)},
+        "teacher": None if resolved.teacher is None else resolved.teacher.__dict__,
+        "tokenizer": {"source": resolved.tokenizer.source, "vocab": resolved.tokenizer.vocab},
+        "data": {"train_sequences": resolved.data.train_sequences, "exact": resolved.data.exact,
+                 "how": resolved.data.what},
+        "throughput": {"source": rate_source, "tokens_per_s": rates},
+        "stages": stages_,
+        "glue_jobs": glue_jobs,
+        "sweep": sweep_summary,
+        "total": {"flops": sum(s["flops"] for s in stages_ if s.get("flops") is not None),
+                  "device_hours": None if any(h is None for h in known_hours) else sum(known_hours),
+                  "flops_complete": all(s.get("flops") is not None for s in stages_)},
+        "notes": resolved.notes,
+    }  # fmt: skip
+
+
+def _rates(cfg, resolved, tokens_per_s, assumed_tokens_per_s) -> tuple[dict, str | None]:
+    """Tokens/s of the launch per strategy label: probed (× world size), or the assumed No-KD
+    rate; a strategy not measured runs at the reference rate scaled by its FLOPs per sequence."""
     labels = [s["label"] for s in cfg["strategies"]]
-    by_label = {s["label"]: s for s in cfg["strategies"]}
-
-    per_seq = {
-        label: sequence_flops(resolved.student, resolved.teacher, strategy, seq_len)
-        for label, strategy in resolved.strategies.items()
-    }
-
-    # throughput of the launch, tokens/s, per strategy
-    rates: dict[str, float | None] = {}
-    rate_source = None
+    per_seq = {label: sum(_costs(cfg, resolved, label).per_sequence()) for label in resolved.strategies}
     none_label = next((s["label"] for s in cfg["strategies"] if s["name"] == "none"), None)
+    rates: dict[str, float | None] = {}
+    source = None
     if tokens_per_s:
-        rate_source = "probe on this machine (one process) × world size"
-        for label in labels:
-            if label in tokens_per_s:
-                rates[label] = tokens_per_s[label] * world
+        source = "probe on this machine (one process) × world size"
+        rates = {
+            label: tokens_per_s[label] * resolved.world_size for label in labels if label in tokens_per_s
+        }
     elif assumed_tokens_per_s is not None:
-        rate_source = "--assume-tokens-per-s (No-KD, whole launch); others scaled by their FLOPs"
-        reference = none_label or labels[0]
-        rates[reference] = assumed_tokens_per_s
+        source = "--assume-tokens-per-s (No-KD, whole launch); others scaled by their FLOPs"
+        rates = {none_label or labels[0]: assumed_tokens_per_s}
     if rates:
         reference = none_label if none_label in rates else next(iter(rates))
-        ref_flops = sum(per_seq[reference]) if reference in per_seq else None
         for label in labels:
-            if label not in rates and label in per_seq and ref_flops:
-                rates[label] = rates[reference] * ref_flops / sum(per_seq[label])
+            if label not in rates and label in per_seq and per_seq.get(reference):
+                rates[label] = rates[reference] * per_seq[reference] / per_seq[label]
+    return rates, source
 
-    def seconds(label: str, sequences: float | None) -> float | None:
-        rate = rates.get(label)
-        if rate is None or sequences is None:
-            return None
-        return sequences * tokens_per_seq / rate
 
-    stages: list[dict] = []
-    data_dir = resolved.data.prepared or (out / "data")
-    stages.append(
-        {
-            "stage": "data",
-            "dir": str(data_dir),
-            "what": (
-                f"use the prepared dataset ({resolved.data.what})"
-                if resolved.data.prepared is not None
-                else f"prepare {len(cfg['data']['inputs'])} input(s) with {resolved.tokenizer.source}, seq_len {seq_len}"
-            ),
-            "train_sequences": n_train,
-            "train_sequences_exact": resolved.data.exact,
-            "flops": 0.0,
-            "device_hours": 0.0,
-        }
-    )
+def _costs(cfg: dict, resolved: Resolved, label: str) -> StepCosts:
+    key = (id(cfg), label)
+    if key not in _COSTS:
+        _COSTS.clear() if len(_COSTS) > 64 else None
+        _COSTS[key] = StepCosts(cfg, resolved, resolved.strategies[label], cfg["optimizer"]["batch_size"])
+    return _COSTS[key]
+
+
+_COSTS: dict = {}
+
+
+def _data_entry(cfg, out, resolved) -> dict:
+    seq_len = cfg["data"]["seq_len"]
+    return {
+        "stage": "data",
+        "dir": str(resolved.data.prepared or (out / "data")),
+        "what": (
+            f"use the prepared dataset ({resolved.data.what})"
+            if resolved.data.prepared is not None
+            else f"prepare {len(cfg['data']['inputs'])} input(s) with {resolved.tokenizer.source}, seq_len {seq_len}"
+        ),
+        "train_sequences": resolved.data.train_sequences,
+        "train_sequences_exact": resolved.data.exact,
+        "flops": 0.0,
+        "device_hours": 0.0,
+    }
+
+
+def _teacher_entry(cfg, out, resolved) -> list[dict]:
     teacher_cfg = cfg["teacher"]
-    if teacher_cfg is not None:
-        if "path" in teacher_cfg:
-            t = resolved.teacher
-            shape = "unknown shape" if t is None else f"{t.layers}L-{t.hidden}H-{t.heads}A, vocab {t.vocab}"
-            head = "" if t is None else (", MLM head" if t.has_mlm_head else ", encoder-only")
-            stages.append(
-                {
-                    "stage": "teacher",
-                    "dir": teacher_cfg["path"],
-                    "what": f"check {teacher_cfg['path']} ({shape}{head}; {t.origin if t else 'unreachable'})",
-                    "flops": 0.0,
-                    "device_hours": 0.0,
-                }
-            )
-        else:
-            block = teacher_cfg["pretrain"]
-            stages.append(
-                {
-                    "stage": "teacher",
-                    "dir": str(out / "teacher"),
-                    "what": f"pretrain a {block['student']} teacher for {block['budget']} "
-                    f"(micro-batch {resolved.teacher_pretrain_micro} per process)",
-                    "flops": None,
-                    "device_hours": None,
-                }
-            )
+    if teacher_cfg is None:
+        return []
+    if "path" in teacher_cfg:
+        t = resolved.teacher
+        shape = "unknown shape" if t is None else f"{t.layers}L-{t.hidden}H-{t.heads}A, vocab {t.vocab}"
+        head = "" if t is None else (", MLM head" if t.has_mlm_head else ", encoder-only")
+        what = f"check {teacher_cfg['path']} ({shape}{head}; {t.origin if t else 'unreachable'})"
+        return [
+            {"stage": "teacher", "dir": teacher_cfg["path"], "what": what, "flops": 0.0, "device_hours": 0.0}
+        ]
+    block = teacher_cfg["pretrain"]
+    what = (f"pretrain a {block['student']} teacher for {block['budget']} "
+            f"(micro-batch {resolved.teacher_pretrain_micro} per process)")  # fmt: skip
+    return [
+        {"stage": "teacher", "dir": str(out / "teacher"), "what": what, "flops": None, "device_hours": None}
+    ]
+
+
+def _pretraining_entries(cfg, out, resolved, rates) -> tuple[list[dict], list[str], dict | None]:
+    """The calibration (if any) and every student run of :func:`budgetkd.stages.student_runs`,
+    at the budget the calibration is estimated to set; the ids of the students fine-tuned."""
+    from budgetkd import stages
+    from budgetkd.budget import Budget
+
+    entries = []
+    cal = stages.calibration(cfg)
+    base, budget_text = None, None
+    if cal is not None:
+        entry, base, budget_text = _calibration_entry(cfg, out, resolved, rates, cal)
+        entries.append(entry)
+    else:
+        base, budget_text = Budget.parse(cfg["budget"]["explicit"]), f"explicit: {cfg['budget']['explicit']}"
+    charge = stages.teacher_charge(cfg)
+    runs = stages.student_runs(cfg, out, base, charge)
+    for run in runs:
+        if run.reuse or run.strategy["label"] not in resolved.strategies:
+            continue
+        entries.append(_run_entry(cfg, resolved, rates, run, charge, cal, budget_text))
+    for run in runs:  # a KD strategy whose teacher is unknown offline: listed, not priced
+        if run.strategy["label"] not in resolved.strategies:
+            entries.append(_unpriced_entry(run))
+    students = stages.student_ids(cfg)
+    return entries, students, _sweep_summary(cfg, base) if cfg["budget"].get("sweep") else None
+
+
+def _calibration_entry(cfg, out, resolved, rates, cal):
+    """The calibration run and the budget it is estimated to set (its FLOPs, or its time at the
+    throughput: unknown without one)."""
+    from budgetkd import stages
+    from budgetkd.budget import Budget
+
+    spec = cfg["budget"]["calibrate"]
+    label = cal["label"]
+    if label not in resolved.strategies:
+        resolved.strategies[label] = _strategy_instance(cal, resolved)
+    costs = _costs(cfg, resolved, label)
+    n_train = resolved.data.train_sequences
+    tps = cfg["data"]["seq_len"] - 1
+    used = _consumption(stages.calibration_budget(cfg), costs, cfg, n_train, charge_teacher=True,
+                        rate=rates.get(label), tokens_per_seq=tps)  # fmt: skip
+    seconds = None if used is None or rates.get(label) is None else used.tokens / rates[label]
+    amount = seconds if spec["currency"] == "time" else (None if used is None else used.flops)
+    estimate = (
+        f" ≈ {seconds / 3600:.3g} h" if spec["currency"] == "time" and seconds is not None
+        else f" ≈ {used.flops:.3g} FLOPs" if spec["currency"] == "flops" and used is not None else ""
+    )  # fmt: skip
+    text = f"calibrated: {spec['epochs']:g} epoch(s) of {spec['strategy']} → its {spec['currency']}{estimate}"
+    entry = _entry(cfg, resolved, "calibrate", out / "runs" / label, cal, text, used, seconds, costs)
+    base = None if amount is None else Budget(spec["currency"], amount)
+    return entry, base, text
+
+
+def _strategy_instance(entry: dict, resolved: Resolved):
+    from budgetkd.strategies import REGISTRY
+
+    return REGISTRY[entry["name"]](entry["options"], resolved.student.bert_config())
+
+
+def _run_entry(cfg, resolved, rates, run, charge, cal, budget_text) -> dict:
+    """One student run: what it consumes (its whole point, a WSD branch's prefix included) and
+    what this stage itself pays (a branch: only its decay)."""
+    label = run.strategy["label"]
+    costs = _costs(cfg, resolved, label)
+    used = None
+    if run.budget is not None:
+        used = _consumption(run.budget, costs, cfg, resolved.data.train_sequences,
+                            charge_teacher=not run.kd or charge["charge_forward"], rate=rates.get(label),
+                            tokens_per_seq=cfg["data"]["seq_len"] - 1)  # fmt: skip
+    seconds = None if used is None or rates.get(label) is None else used.tokens / rates[label]
+    if (
+        run.budget is not None
+        and run.budget.currency == "time"
+        and used is not None
+        and not used.stops_at_data_limit
+    ):
+        seconds = run.budget.amount if not run.kd or charge["charge_forward"] else seconds
+    text = _budget_text(cfg, run, cal, budget_text)
+    entry = _entry(cfg, resolved, run.stage, run.run_dir, run.strategy, text, used, seconds, costs)
+    paid = cfg["budget"]["decay_fraction"] if run.branch else 1.0
+    for key in ("flops", "device_hours", "wall_hours"):
+        if entry.get(key) is not None:
+            entry[key] *= paid
+    entry["point_flops"] = None if used is None else used.flops
+    entry["charged_budget"] = None if run.budget is None else run.budget.exact_text()
+    entry["currency"] = None if run.budget is None else run.budget.currency
+    return entry
+
+
+def _budget_text(cfg, run, cal, budget_text) -> str:
+    if not cfg["budget"].get("sweep"):
+        return budget_text if cal is None else f"the calibrated {cfg['budget']['calibrate']['currency']}"
+    tag = run.id.split("@", 1)[1]
+    wsd = cfg["budget"]["schedule"] == "wsd"
+    return tag + (" (wsd trunk)" if wsd and run.trunk else " (wsd branch: decay only)" if wsd else "")
+
+
+def _entry(cfg, resolved, stage, run_dir, strategy, text, used, seconds, costs) -> dict:
+    world = resolved.world_size
+    fs, ft = costs.per_sequence()
+    return {
+        "stage": stage,
+        "dir": str(run_dir),
+        "strategy": strategy["name"],
+        "budget": text,
+        "steps": None if used is None else used.steps,
+        "tokens": None if used is None else used.tokens,
+        "flops_per_sequence": fs + ft,
+        "teacher_share": None if fs + ft == 0 else ft / (fs + ft),
+        "flops": None if used is None else used.flops,
+        "tokens_per_s": None if seconds is None or not used else used.tokens / seconds,
+        "device_hours": None if seconds is None else seconds * world / 3600.0,
+        "wall_hours": _hours(seconds),
+        "stops_at_data_limit": bool(used is not None and used.stops_at_data_limit),
+        # what the budget needs (beyond one epoch: the data limit stops it there)
+        "epochs": None if used is None or not resolved.data.train_sequences
+        else (used.needed_sequences or used.sequences) / resolved.data.train_sequences,
+        "exact": bool(used is not None and used.exact),
+        "what": "",
+    }  # fmt: skip
+
+
+def _unpriced_entry(run) -> dict:
+    return {"stage": run.stage, "dir": str(run.run_dir), "strategy": run.strategy["name"], "budget": "–",
+            "steps": None, "tokens": None, "flops_per_sequence": None, "teacher_share": None, "flops": None,
+            "tokens_per_s": None, "device_hours": None, "wall_hours": None, "stops_at_data_limit": False,
+            "epochs": None, "exact": False, "what": "skipped: its teacher is unknown"}  # fmt: skip
+
+
+def _sweep_summary(cfg, base) -> dict:
+    """What each strategy's sweep charges against its largest point, and against separate runs."""
+    from budgetkd import stages
+    from budgetkd.sweep import wsd_cost
 
     budget_cfg = cfg["budget"]
-    consumption: dict[str, dict] = {}
-    if "calibrate" in budget_cfg:
-        cal = budget_cfg["calibrate"]
-        cal_label = next(
-            (s["label"] for s in cfg["strategies"] if s["name"] == cal["strategy"]), cal["strategy"]
-        )
-        if cal_label not in per_seq:
-            per_seq[cal_label] = sequence_flops(
-                resolved.student, None, REGISTRY[cal["strategy"]]({}, resolved.student.bert_config()), seq_len
-            )
-        steps = None if n_train is None else math.ceil(cal["epochs"] * n_train / batch)
-        sequences = None if steps is None else steps * batch
-        cal_seconds = seconds(cal_label, sequences)
-        cal_flops = None if sequences is None else sequences * sum(per_seq[cal_label])
-        consumption[cal_label] = {"sequences": sequences, "seconds": cal_seconds, "flops": cal_flops}
-        budget_text = (
-            f"calibrated: {cal['epochs']:g} epoch(s) of {cal['strategy']} → its {cal['currency']}"
-            + (
-                f" ≈ {cal_seconds / 3600:.3g} h"
-                if cal["currency"] == "time" and cal_seconds is not None
-                else f" ≈ {cal_flops:.3g} FLOPs"
-                if cal["currency"] == "flops" and cal_flops is not None
-                else ""
-            )
-        )
-        currency = cal["currency"]
-        amount = cal_seconds if currency == "time" else cal_flops
-    else:
-        parsed = Budget.parse(budget_cfg["explicit"])
-        cal_label = None
-        currency, amount = parsed.currency, parsed.amount
-        budget_text = f"explicit: {budget_cfg['explicit']}"
+    points = stages.sweep_points(cfg, base)
+    known = [b.amount for _, b in points if b is not None]
+    schedule, fraction = budget_cfg["schedule"], budget_cfg["decay_fraction"]
+    complete = len(known) == len(points)
+    return {
+        "schedule": schedule,
+        "decay_fraction": fraction,
+        "points": [tag for tag, _ in points],
+        "currency": next((b.currency for _, b in points if b is not None), None),
+        "students": len(stages.student_ids(cfg)),
+        "cost_vs_largest": (wsd_cost(known, fraction) if schedule == "wsd" else sum(known)) / max(known) if complete else None,
+        "separate_runs_vs_largest": sum(known) / max(known) if complete else None,
+    }  # fmt: skip
 
-    # SPEC §1: in the unlimited setting every strategy stops at the end of its first epoch
-    max_epochs = 1.0 if cfg["data_setting"] == "unlimited" else None
-    for label in labels:
-        if label == cal_label or label not in per_seq:
-            continue
-        fps = sum(per_seq[label])
-        sequences = _sequences_for(currency, amount, fps, rates.get(label), tokens_per_seq, batch, n_train)
-        capped = False
-        if (
-            sequences is not None
-            and n_train is not None
-            and max_epochs is not None
-            and sequences > max_epochs * n_train
-        ):
-            sequences, capped = math.floor(max_epochs * n_train / batch) * batch, True
-        consumption[label] = {
-            "sequences": sequences,
-            "seconds": seconds(label, sequences) if currency != "time" or capped else amount,
-            "flops": None if sequences is None else sequences * fps,
-            "capped_by_data": capped,
-        }
 
-    for label in labels:
-        strategy = by_label[label]
-        c = consumption.get(label, {"sequences": None, "seconds": None, "flops": None})
-        fs, ft = per_seq.get(label, (None, None))
-        stage = "calibrate" if label == cal_label else f"pretrain:{label}"
-        steps = None if c["sequences"] is None else math.ceil(c["sequences"] / batch)
-        stages.append(
-            {
-                "stage": stage,
-                "dir": str(out / "runs" / label),
-                "strategy": strategy["name"],
-                "budget": budget_text
-                if label == cal_label or cal_label is None
-                else f"the calibrated {currency}",
-                "steps": steps,
-                "tokens": None if c["sequences"] is None else c["sequences"] * tokens_per_seq,
-                "flops_per_sequence": None if fs is None else fs + ft,
-                "teacher_share": None if fs is None or fs + ft == 0 else ft / (fs + ft),
-                "flops": c["flops"],
-                "tokens_per_s": rates.get(label),
-                "device_hours": None if c["seconds"] is None else c["seconds"] * world / 3600.0,
-                "wall_hours": _hours(c["seconds"]),
-                "stops_at_data_limit": bool(c.get("capped_by_data")),
-                "what": "skipped: its teacher is unknown" if label not in per_seq else "",
-            }
-        )
+def _glue_entries(cfg, out, resolved, students, rates) -> tuple[list[dict], list[dict]]:
+    """Every GLUE job of one student (tasks × grid × seeds) and one stage per student."""
+    from budgetkd.glue.search import parse_grid
 
-    sweep_summary = None
-    students = labels
-    if budget_cfg.get("sweep"):
-        stages, students, sweep_summary = _sweep_stages(
-            cfg, stages, consumption, per_seq, rates, currency, amount, out, world, n_train, cal_label
-        )
-
-    # GLUE -------------------------------------------------------------------------------------
     glue_cfg = cfg["glue"]
     grid = parse_grid(glue_cfg["grid"]).configurations()
     sizes = glue_sizes(cfg)
     s_shape = resolved.student.shape
-    device_rate = None
-    reference = none_label if none_label in rates else (next(iter(rates)) if rates else None)
-    if reference is not None and reference in per_seq:
-        # a device fine-tunes at the FLOP rate it pretrains No-KD at
-        flop_rate = rates[reference] / tokens_per_seq * sum(per_seq[reference]) / world
-        device_rate = flop_rate
-    glue_jobs: list[dict] = []
-    per_student_flops = 0.0
-    per_student_steps = 0
+    jobs = []
     for task, (n_train_glue, n_dev, where) in sizes.items():
         for lr, bs in grid:
             for seed in glue_cfg["seeds"]:
@@ -857,179 +1099,55 @@ def build_plan(
                     flops.training_flops(flops.encoder_forward(s_shape, GLUE_MAX_LENGTH, n_train_glue))
                     + flops.encoder_forward(s_shape, GLUE_MAX_LENGTH, n_dev)
                 )
-                per_student_flops += job_flops
-                per_student_steps += steps
-                glue_jobs.append(
-                    {"task": task, "lr": lr, "batch_size": bs, "seed": seed, "train_examples": n_train_glue,
-                     "dev_examples": n_dev, "sizes_from": where, "steps": steps, "flops": job_flops}
-                )  # fmt: skip
-    for label in students:
-        stages.append(
-            {
-                "stage": f"glue:{label}",
-                "dir": str(out / "glue" / label),
-                "what": f"{len(sizes)} task(s) × {len(grid)} configuration(s) × {len(glue_cfg['seeds'])} seed(s) "
-                f"= {len(glue_jobs)} fine-tuning jobs, {per_student_steps:,} optimizer steps",
-                "jobs": len(glue_jobs),
-                "steps": per_student_steps,
-                "flops": per_student_flops,
-                "device_hours": None if device_rate is None else per_student_flops / device_rate / 3600.0,
-            }
-        )
-    stages.append({"stage": "report", "dir": str(out), "what": "table.{md,csv,tex}, budget.md, plots/", "flops": 0.0,
-                   "device_hours": 0.0})  # fmt: skip
-
-    total_flops = sum(s["flops"] for s in stages if s.get("flops") is not None)
-    known_hours = [s.get("device_hours") for s in stages]
-    total_hours = None if any(h is None for h in known_hours) else sum(known_hours)
-    return {
-        "version": 1,
-        "name": cfg["name"],
-        "out": str(out),
-        "world_size": world,
-        "global_batch": batch,
-        "per_process_batch": resolved.per_rank_batch,
-        "micro_batch": resolved.micro_batch,
-        "accumulation_steps": resolved.per_rank_batch // resolved.micro_batch,
-        "max_micro_batch": opt["micro_batch_size"],
-        "seq_len": seq_len,
-        "student": resolved.student.__dict__ | {"source": str(resolved.student.source)},
-        "teacher": None if resolved.teacher is None else resolved.teacher.__dict__,
-        "tokenizer": {"source": resolved.tokenizer.source, "vocab": resolved.tokenizer.vocab},
-        "data": {"train_sequences": n_train, "exact": resolved.data.exact, "how": resolved.data.what},
-        "throughput": {"source": rate_source, "tokens_per_s": rates},
-        "stages": stages,
-        "glue_jobs": glue_jobs,
-        "sweep": sweep_summary,
-        "total": {"flops": total_flops, "device_hours": total_hours, "flops_complete": all(
-            s.get("flops") is not None for s in stages
-        )},
-        "notes": resolved.notes,
-    }  # fmt: skip
+                jobs.append({"task": task, "lr": lr, "batch_size": bs, "seed": seed, "train_examples": n_train_glue,
+                             "dev_examples": n_dev, "sizes_from": where, "steps": steps, "flops": job_flops})  # fmt: skip
+    per_student = sum(j["flops"] for j in jobs)
+    rate = _glue_flop_rate(cfg, resolved, rates)
+    what = (f"{len(sizes)} task(s) × {len(grid)} configuration(s) × {len(glue_cfg['seeds'])} seed(s) "
+            f"= {len(jobs)} fine-tuning jobs, {sum(j['steps'] for j in jobs):,} optimizer steps")  # fmt: skip
+    entries = [
+        {"stage": f"glue:{sid}", "dir": str(out / "glue" / sid), "what": what, "jobs": len(jobs),
+         "steps": sum(j["steps"] for j in jobs), "flops": per_student,
+         "device_hours": None if rate is None else per_student / rate / 3600.0}
+        for sid in students
+    ]  # fmt: skip
+    return jobs, entries
 
 
-def _sweep_stages(cfg, stages, consumption, per_seq, rates, currency, amount, out, world, n_train, cal_label):
-    """A sweep's pretraining stages (SPEC §7a): every strategy at every point. With ``schedule:
-    wsd`` a strategy's largest point is its trunk and pays its whole budget; every other point pays
-    only its decay, the last ``decay_fraction`` of its budget (its prefix is the trunk's)."""
-    from budgetkd.budget import Budget
-    from budgetkd.sweep import budget_tags, wsd_cost
+def _glue_flop_rate(cfg, resolved, rates) -> float | None:
+    """FLOP/s of one device fine-tuning: the rate it pretrains No-KD at (an upper bound)."""
+    none_label = next((s["label"] for s in cfg["strategies"] if s["name"] == "none"), None)
+    reference = none_label if none_label in rates else (next(iter(rates)) if rates else None)
+    if reference is None or reference not in resolved.strategies:
+        return None
+    per_seq = sum(_costs(cfg, resolved, reference).per_sequence())
+    return rates[reference] / (cfg["data"]["seq_len"] - 1) * per_seq / resolved.world_size
 
-    budget_cfg = cfg["budget"]
-    sweep, schedule, fraction = budget_cfg["sweep"], budget_cfg["schedule"], budget_cfg["decay_fraction"]
-    if sweep["kind"] == "budgets":
-        points = [
-            (tag, Budget.parse(text).amount)
-            for tag, text in zip(budget_tags(sweep["points"]), sweep["points"])
-        ]
-        currency = Budget.parse(sweep["points"][0]).currency
-    else:
-        points = [(f"x{m:g}", None if amount is None else amount * m) for m in sweep["points"]]
-    kept = [s for s in stages if not s["stage"].startswith("pretrain:")]
-    tokens_per_seq = cfg["data"]["seq_len"] - 1
-    batch = cfg["optimizer"]["batch_size"]
-    share = _amortized_share(cfg["teacher_cost"], currency)  # off every KD point's own budget
-    ids = []
-    for strategy in cfg["strategies"]:
-        label = strategy["label"]
-        if label not in per_seq:
+
+def check_fits_data(plan: dict, data_exact: bool) -> None:
+    """Refuse, before any stage, a run that the data limit cuts short (SPEC §1, ``data_setting:
+    unlimited`` stops every run at one epoch): a budget in steps, tokens, epochs or FLOPs that
+    cannot be spent within it — the trainer would refuse it when its stage starts, hours later —
+    and any sweep point beyond it (its trunk would stop undecayed, its branches lack snapshots).
+    With an estimated corpus size only a run clearly beyond it (> 5 %) is refused."""
+    for stage in plan["stages"]:
+        epochs = stage.get("epochs")
+        if not stage.get("stops_at_data_limit") or epochs is None:
             continue
-        fps = sum(per_seq[label])
-        kd = per_seq[label][1] > 0
-        for i, (tag, point) in enumerate(points):
-            sid = f"{label}@{tag}"
-            ids.append(sid)
-            own = point if point is None or not kd or not share else point - share
-            sequences = _sequences_for(currency, own, fps, rates.get(label), tokens_per_seq, batch, n_train)
-            trunk = i == len(points) - 1
-            paid = 1.0 if schedule == "linear" or trunk else fraction  # the share this stage trains itself
-            if schedule == "linear" and label == cal_label and tag == "x1":
-                paid = 0.0  # the calibration run is this point
-            seconds = (
-                None
-                if sequences is None or rates.get(label) is None
-                else sequences * tokens_per_seq / rates[label]
+        name = stage["stage"].split(":", 1)[-1]
+        if "@" in name and (data_exact or epochs > 1.05):
+            raise BudgetKDError(
+                f"config key 'budget.sweep': {name} needs {epochs:.2f} epochs of "
+                f"the corpus{'' if data_exact else ' (estimated)'}, but data_setting: unlimited stops every "
+                "run at one; lower the largest point or set data_setting: limited"
             )
-            kept.append(
-                {
-                    "stage": f"pretrain:{sid}",
-                    "dir": str(out / "runs" / sid),
-                    "strategy": strategy["name"],
-                    "budget": f"{tag}"
-                    + (
-                        " (wsd trunk)"
-                        if schedule == "wsd" and trunk
-                        else " (wsd branch: decay only)"
-                        if schedule == "wsd"
-                        else ""
-                    )
-                    + (" = the calibration run" if paid == 0.0 else ""),
-                    "steps": None if sequences is None else math.ceil(sequences / batch),
-                    "tokens": None if sequences is None else sequences * tokens_per_seq,
-                    "flops_per_sequence": fps,
-                    "teacher_share": None if fps == 0 else per_seq[label][1] / fps,
-                    "flops": None if sequences is None else paid * sequences * fps,
-                    "tokens_per_s": rates.get(label),
-                    "device_hours": None if seconds is None else paid * seconds * world / 3600.0,
-                    "wall_hours": None if seconds is None else paid * seconds / 3600.0,
-                    # SPEC §1: with unlimited data a run stops at the end of the first epoch
-                    "stops_at_data_limit": bool(
-                        cfg["data_setting"] == "unlimited"
-                        and sequences is not None
-                        and n_train is not None
-                        and sequences > n_train
-                    ),
-                    "epochs": None if sequences is None or not n_train else sequences / n_train,
-                    "what": "",
-                }
+        if "@" not in name and stage.get("exact") and stage.get("currency") not in (None, "time"):
+            raise BudgetKDError(
+                f"{stage['stage']}: budget {stage['charged_budget']} needs more than the data limit of 1 epoch "
+                f"({plan['data']['train_sequences']:,.0f} training sequences in batches of {plan['global_batch']}: "
+                f"{stage['steps']} steps; data_setting: unlimited never repeats the corpus) — lower the budget "
+                "or use data_setting: limited"
             )
-    known = [p for _, p in points if p is not None]
-    summary = {
-        "schedule": schedule,
-        "decay_fraction": fraction,
-        "points": [tag for tag, _ in points],
-        "currency": currency,
-        "students": len(ids),
-        # what each strategy's sweep charges, against training every point separately
-        "cost_vs_largest": None if len(known) < len(points) else (
-            wsd_cost(known, fraction) if schedule == "wsd" else sum(known)
-        ) / max(known),
-        "separate_runs_vs_largest": None if len(known) < len(points) else sum(known) / max(known),
-    }  # fmt: skip
-    return kept, ids, summary
-
-
-def _amortized_share(teacher_cost: dict, currency: str) -> float | None:
-    """1/K of a given teacher pretraining cost in ``currency`` (``teacher_cost: amortized``), or None
-    (other modes; ``auto`` is known only once the teacher is trained)."""
-    from budgetkd.budget import Budget
-
-    if teacher_cost.get("mode") != "amortized" or teacher_cost["pretraining"] == "auto":
-        return None
-    given = Budget.parse(teacher_cost["pretraining"])
-    return given.amount / teacher_cost["students"] if given.currency == currency else None
-
-
-def _sequences_for(currency, amount, fps, rate, tokens_per_seq, batch, n_train) -> float | None:
-    """Packed sequences a strategy consumes under a budget of ``amount`` ``currency`` (whole
-    global batches: a run stops on the first step that reaches its budget)."""
-    if amount is None:
-        return None
-    if currency == "flops":
-        per_step = fps * batch
-    elif currency == "time":
-        if rate is None:
-            return None
-        per_step = batch * tokens_per_seq / rate
-    elif currency == "tokens":
-        per_step = batch * tokens_per_seq
-    elif currency == "steps":
-        per_step = 1.0
-    else:  # epochs
-        if n_train is None:
-            return None
-        return math.ceil(amount * n_train / batch) * batch
-    return math.ceil(amount / per_step) * batch
 
 
 def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -> dict[str, float]:
@@ -1039,8 +1157,9 @@ def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -
     that can be loaded."""
     import shutil
 
+    from budgetkd import stages
     from budgetkd.strategies import REGISTRY
-    from budgetkd.train import TrainConfig, pretrain
+    from budgetkd.train import pretrain
 
     if resolved.data.prepared is None:
         raise BudgetKDError(
@@ -1050,7 +1169,6 @@ def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -
     teacher = None
     if cfg["teacher"] is not None:
         teacher = cfg["teacher"].get("path") or str(out / "teacher" / "model")
-    training = cfg["training"]
     rates: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="budgetkd-probe-"))
     try:
@@ -1058,24 +1176,13 @@ def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -
             kd = REGISTRY[entry["name"]].needs_teacher
             if kd and (teacher is None or not (Path(teacher).exists() or resolved.teacher is not None)):
                 continue
-            config = TrainConfig(
-                data=str(resolved.data.prepared),
-                out=str(work / entry["label"]),
-                student=cfg["student"],
-                strategy=entry["name"],
-                teacher=teacher if kd else None,
-                budget=f"{steps}steps",
-                batch_size=resolved.per_rank_batch,
-                micro_batch_size=resolved.micro_batch,
-                seed=cfg["seed"],
-                dropout=training["dropout"],
-                strategy_options=entry["options"],
-                num_evals=1,
-                eval_sequences=8,
-                checkpoint_interval_s=0.0,
-                device=training["device"],
-                progress=False,
-            )
+            # the experiment's own run of this strategy, at this launch's per-process batch
+            config = stages.train_config(
+                cfg, resolved.data.prepared, entry, budget=f"{steps}steps", out=work / entry["label"],
+                teacher=teacher, progress=False, batch_size=resolved.per_rank_batch,
+                micro_batch_size=resolved.micro_batch, max_epochs=None, num_evals=1, eval_sequences=8,
+                checkpoint_interval_s=0.0, checkpoint_every_steps=0,
+            )  # fmt: skip
             try:
                 summary = pretrain(config)
             except BudgetKDError as exc:
@@ -1094,23 +1201,6 @@ def probe_throughput(cfg: dict, out: Path, resolved: Resolved, steps: int = 3) -
 
 def _num(value, fmt: str = ".3g", none: str = "–") -> str:
     return none if value is None else format(value, fmt)
-
-
-def check_sweep_fits_data(plan: dict, data_exact: bool) -> None:
-    """Refuse a sweep whose points need more than the one epoch that ``data_setting: unlimited``
-    allows (SPEC §1): its trunk would stop at the data limit undecayed and the branches past that
-    point would have no snapshot. With an estimated corpus size (not yet prepared) only a point
-    clearly beyond it (> 5 %) is refused; the runs check exactly when they start."""
-    for stage in plan["stages"]:
-        epochs = stage.get("epochs")
-        if not stage.get("stops_at_data_limit") or epochs is None:
-            continue
-        if data_exact or epochs > 1.05:
-            raise BudgetKDError(
-                f"config key 'budget.sweep': {stage['stage'].split(':', 1)[1]} needs {epochs:.2f} epochs of "
-                f"the corpus{'' if data_exact else ' (estimated)'}, but data_setting: unlimited stops every "
-                "run at one; lower the largest point or set data_setting: limited"
-            )
 
 
 def render_plan(plan: dict) -> str:
@@ -1136,6 +1226,12 @@ def render_plan(plan: dict) -> str:
         f"  data: {_num(d['train_sequences'], ',.0f')} training sequences "
         f"({'exact' if d['exact'] else 'estimate'}: {d['how']})"
     )
+    return "\n".join(lines + _render_body(plan))
+
+
+def _render_body(plan: dict) -> list[str]:
+    """Throughput, the stages with their cost, the sweep, the total and the notes."""
+    lines = []
     th = plan["throughput"]
     lines.append(
         "  throughput: "
@@ -1147,7 +1243,13 @@ def render_plan(plan: dict) -> str:
         )
     )
     lines.append("  stages:")
-    for st in plan["stages"]:
+    lines += _render_stages(plan["stages"])
+    return lines + _render_totals(plan)
+
+
+def _render_stages(stages_: list[dict]) -> list[str]:
+    lines = []
+    for st in stages_:
         cost = f"{_num(st.get('flops'))} FLOPs, {_num(st.get('device_hours'), '.3g')} device-h"
         detail = st.get("what") or ""
         if st["stage"].startswith(("calibrate", "pretrain:")):
@@ -1161,6 +1263,11 @@ def render_plan(plan: dict) -> str:
         lines.append(f"    {st['stage']:<18} {st['dir']}")
         lines.append(f"    {'':<18} {detail}")
         lines.append(f"    {'':<18} cost: {cost}")
+    return lines
+
+
+def _render_totals(plan: dict) -> list[str]:
+    lines = []
     sweep = plan.get("sweep")
     if sweep:
         ratio = sweep["cost_vs_largest"]
@@ -1186,7 +1293,7 @@ def render_plan(plan: dict) -> str:
     )
     for note in plan["notes"]:
         lines.append(f"note: {note}")
-    return "\n".join(lines)
+    return lines
 
 
 def write_plan(plan: dict, path: Path) -> None:

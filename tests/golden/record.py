@@ -75,7 +75,7 @@ def plans(tmp: Path) -> dict:
         out = tmp / f"small-{name}"
         with contextlib.redirect_stdout(io.StringIO()):
             plan = dry_run(config, out, world_size=1, assume_tokens_per_s=1e4)
-        result[name] = _normalise(plan, str(out))
+        result[name] = json.loads(json.dumps(_normalise(plan, str(out))).replace(str(tmp), "<TMP>"))
     return result
 
 
@@ -97,7 +97,7 @@ def small_configs(tmp: Path) -> dict[str, Path]:
     }  # fmt: skip
     variants = {
         "explicit-steps": {"budget": {"explicit": "5steps"}},
-        "explicit-flops": {"budget": {"explicit": "3e9flops"}},
+        "explicit-flops": {"budget": {"explicit": "2e8flops"}},
         "calibrated-flops": {"budget": {"calibrate": {"epochs": 0.5, "currency": "flops"}}},
         "calibrated-time": {"budget": {"calibrate": {"epochs": 0.5, "currency": "time"}}},
         "sweep-steps": {"budget": {"explicit": "7steps", "sweep": [0.5, 1, 2]}, "data_setting": "limited"},
@@ -105,10 +105,10 @@ def small_configs(tmp: Path) -> dict[str, Path]:
             "budget": {"explicit": "3e9flops", "sweep": [0.5, 1], "schedule": "wsd"},
             "data_setting": "limited",
         },
-        "free-flops": {"budget": {"explicit": "3e9flops"}, "teacher_cost": "free"},
+        "free-flops": {"budget": {"explicit": "1e8flops"}, "teacher_cost": "free"},
         "amortized-flops": {
-            "budget": {"explicit": "3e9flops"},
-            "teacher_cost": {"amortized": {"pretraining": "1e9flops", "students": 4}},
+            "budget": {"explicit": "2e8flops"},
+            "teacher_cost": {"amortized": {"pretraining": "1e8flops", "students": 4}},
         },
     }
     paths = {}
@@ -133,10 +133,18 @@ def prepared_data(tmp: Path) -> Path:
 
 
 def fingerprints(tmp: Path) -> dict:
-    """A compare killed right after its calibration: the fingerprints written so far."""
+    """A compare killed right after its pretraining: the fingerprints written so far. A student's
+    fingerprint names its teacher's path, so the experiment lives at one fixed place."""
+    import shutil
+    import tempfile
+
     import yaml
 
     from budgetkd import experiment
+
+    tmp = Path(tempfile.gettempdir()) / "budgetkd-golden-fingerprints"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
 
     config = yaml.safe_load(small_configs(tmp)["calibrated-flops"].read_text())
     config["strategies"] = ["none", "tinybert"]
