@@ -109,10 +109,43 @@ def test_crossover_interval_follows_the_observed_direction():
     result = crossover_with_interval(budgets, [1.0, 1.0, -1.0], samples)
     assert result["direction"] == "kd_stops_paying"
     assert result["low"] == pytest.approx(2 * 2**0.5) and result["high"] == pytest.approx(2 * 2**0.5)
-    # KD behind throughout: no crossover; resamples behind throughout lie below the range
+    # KD behind throughout: no crossover; the question is where KD starts paying, and resamples
+    # behind throughout have it above the range
     behind = crossover_with_interval(budgets, [-1.0, -2.0, -3.0], np.array([[-1.0, -2.0, -3.0]] * 4))
     assert behind["crossover"] is None and behind["text"].endswith("(KD behind throughout)")
+    assert behind["direction"] == "kd_starts_paying"
     assert behind["low"] is None and behind["high"] is None and behind["no_crossover_share"] == 1.0
+
+
+def _share_crossing(samples: np.ndarray, sign_before: int) -> float:
+    """Brute force: the share of resamples whose Δ changes from ``sign_before`` to the other sign
+    between two adjacent points (the noise is continuous: no Δ is exactly 0)."""
+    signs = np.sign(samples)
+    return float(np.mean([any(r[j] == sign_before == -r[j + 1] for j in range(len(r) - 1)) for r in signs]))
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_without_a_crossover_the_resamples_are_counted_in_the_direction_that_can_still_happen(sign):
+    from budgetkd.sweep_report import _crossover_text
+
+    budgets = [1.0, 2.0, 4.0, 8.0]
+    deltas = sign * np.array([3.0, 2.0, 1.0, 0.2])  # KD behind (−) or ahead (+) throughout
+    samples = deltas + np.random.default_rng(0).normal(0.0, 0.6, (2000, 4))
+    result = crossover_with_interval(budgets, deltas, samples)
+    # behind throughout: does KD *start* paying inside the range (Δ from < 0 to > 0)?
+    # ahead throughout: does it *stop* (Δ from > 0 to < 0)?
+    assert result["direction"] == ("kd_starts_paying" if sign < 0 else "kd_stops_paying")
+    crossing = _share_crossing(samples, sign)
+    assert 1 - result["no_crossover_share"] == pytest.approx(crossing)
+    if sign < 0:
+        # the figures of the issue: 41 % start paying inside the range; only 4 % would cross the
+        # other way, the share the text reported when the direction defaulted to "stops paying"
+        assert crossing == pytest.approx(0.4125) and _share_crossing(samples, 1) == pytest.approx(0.037)
+    entry = {"points": [{"budget": b} for b in budgets], **result}
+    verb = "starts" if sign < 0 else "stops"
+    assert _crossover_text(entry, "flops").endswith(
+        f"; in {100 * crossing:.0f} % of the bootstrap resamples KD {verb} paying inside it"
+    )
 
 
 def test_teacher_charge_modes():
@@ -255,7 +288,7 @@ def test_crossover_text_names_direction_unit_and_interval():
         "no_crossover_share": 0.9,
     }
     assert _crossover_text(none, "flops").endswith(
-        "(KD ahead throughout); 10 % of the bootstrap resamples cross inside it"
+        "(KD ahead throughout); in 10 % of the bootstrap resamples KD stops paying inside it"
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_write_json, atomic_write_text, read_json
-from budgetkd.sweep import crossings, crossover_with_interval, no_crossover_text
+from budgetkd.sweep import crossings, crossover_with_interval, no_crossover_text, observed_direction
 
 UNITS = {
     "time": ("hours", 1 / 3600),
@@ -107,7 +107,7 @@ def crossover_summary(
         found = crossings(budgets, deltas)
         result = {
             "crossover": found[0].budget if found else None,
-            "direction": found[0].direction if found else "kd_stops_paying",
+            "direction": observed_direction(deltas, found),
             "low": None,
             "high": None,
         }
@@ -436,7 +436,8 @@ def _crossover_text(entry: dict, currency: str) -> str:
         text = entry.get("text", "no crossover in the swept range")
         share = entry.get("no_crossover_share")
         if share is not None and share < 1:
-            text += f"; {100 * (1 - share):.0f} % of the bootstrap resamples cross inside it"
+            verb = "start" if entry.get("direction") == "kd_starts_paying" else "stop"
+            text += f"; in {100 * (1 - share):.0f} % of the bootstrap resamples KD {verb}s paying inside it"
         return text
     verb = "starts" if entry.get("direction") == "kd_starts_paying" else "stops"
     text = f"KD {verb} paying at {fmt(entry['crossover'])}"
