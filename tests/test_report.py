@@ -271,13 +271,18 @@ def _predictions(seed: int, quality: float, with_cola: bool = True, seeds=(1,)) 
     return out
 
 
-def _brute_force_interval(rows: dict, base: str, label: str, tasks: list[str], samples: int, seed: int):
-    """The documented bootstrap written out with explicit index resamples and the library metrics."""
+def _brute_force_interval(
+    rows: dict, base: str, label: str, tasks: list[str], samples: int, seed: int, shared_seeds: bool = True
+):
+    """The documented bootstrap written out with explicit index resamples and the library metrics.
+    ``shared_seeds``: a row's seed draw is keyed by the task (the column of its first split), so
+    MNLI-m and MNLI-mm share it; False: keyed by each column, as before the fix."""
     deltas = np.zeros(samples)
     for key in tasks:
         column = COLUMN_BY_KEY[key]
         task = TASKS[column.task]
         index = ALL_COLUMNS.index(column)
+        seed_key = [c.key for c in ALL_COLUMNS].index(column.task) if shared_seeds else index
         first = rows[base][2][column.task]
         n = len(next(iter(first.values()))[column.split][0])
         indices = np.random.default_rng([seed, index]).integers(0, n, size=(samples, n))
@@ -291,7 +296,7 @@ def _brute_force_interval(rows: dict, base: str, label: str, tasks: list[str], s
                     values = compute_metrics(task, y[i], p[i])
                     matrix[r, s] = np.mean([values[m] for m in column.metrics])
             if matrix.shape[1] > 1:
-                rng = np.random.default_rng([seed, index, zlib.crc32(who.encode())])
+                rng = np.random.default_rng([seed, seed_key, zlib.crc32(who.encode())])
                 drawn = rng.integers(0, matrix.shape[1], size=matrix.shape)
                 matrix = np.take_along_axis(matrix, drawn, axis=1)
             side[who] = matrix.mean(axis=1)
@@ -387,6 +392,73 @@ def test_several_seeds_resample_seeds_and_examples(tmp_path: Path):
     )
     write_report(out)
     assert "resampled over seeds × examples" in (out / "table.md").read_text()
+
+
+def _mnli_predictions(seed: int, qualities) -> dict:
+    """MNLI matched (40 examples) and mismatched (36), 3 classes, one fine-tuned model per seed
+    scored on both: seed s is right with probability ``qualities[s − 1]`` on either split."""
+    truth = np.random.default_rng(101)
+    splits = {"dev_matched": truth.integers(0, 3, 40), "dev_mismatched": truth.integers(0, 3, 36)}
+    out: dict = {"mnli": {}}
+    for s, quality in enumerate(qualities, start=1):
+        rng = np.random.default_rng([seed, s])
+        out["mnli"][s] = {
+            name: (y.tolist(), np.where(rng.random(len(y)) < quality, y, (y + 1) % 3).tolist())
+            for name, y in splits.items()
+        }
+    return out
+
+
+def test_mnli_matched_and_mismatched_share_each_rows_seed_draw(tmp_path: Path):
+    # the seeds differ a lot and alike on both splits (one model per seed): drawing the splits'
+    # seeds independently would average that variation away and narrow the interval
+    rows = {
+        "none": ("none", "No-KD", _mnli_predictions(1, (0.5, 0.6, 0.7))),
+        "vanilla": ("vanilla", "Vanilla-KD", _mnli_predictions(2, (0.35, 0.7, 0.95))),
+    }
+    out = _make_dir(tmp_path, rows)
+    settings = ReportSettings(avg_tasks=("mnli", "mnli_mm"), bootstrap_samples=60, bootstrap_seed=3)
+    row = {r["label"]: r for r in build_table(collect(out), settings)["rows"]}["vanilla"]
+    assert row["delta_tasks"] == ["mnli", "mnli_mm"] and row["interval"] == "seeds x examples"
+    tasks = ["mnli", "mnli_mm"]
+    shared = _brute_force_interval(rows, "none", "vanilla", tasks, 60, 3)
+    independent = _brute_force_interval(rows, "none", "vanilla", tasks, 60, 3, shared_seeds=False)
+    assert row["delta_ci95"] == pytest.approx(shared, abs=1e-12)
+    assert row["delta_ci95"] != pytest.approx(independent, abs=1e-3)
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    assert width(shared) > 1.2 * width(independent)
+
+
+def test_the_seed_only_interval_shares_the_seed_draw_of_mnli_m_and_mm(compare_dir: Path):
+    # no prediction files, three seeds: seed s scores 0.5 + 0.1·s on both splits for the student,
+    # 0.5 for No-KD. Shared draw: Δ_r = mean of the drawn student scores − 0.5, the same on both
+    # splits, so Δ = that of MNLI-m alone, resample by resample.
+    def glue(values):
+        runs = [
+            {
+                "lr": 5e-5,
+                "batch_size": 32,
+                "seed": s,
+                "metrics": {"accuracy_matched": v, "accuracy_mismatched": v},
+            }
+            for s, v in enumerate(values, start=1)
+        ]
+        return {"tasks": {"mnli": {"best": {"lr": 5e-5, "batch_size": 32}, "runs": runs}}}
+
+    (compare_dir / "glue" / "none" / "glue.json").write_text(json.dumps(glue([0.5, 0.5, 0.5])))
+    (compare_dir / "glue" / "vanilla" / "glue.json").write_text(json.dumps(glue([0.6, 0.7, 0.8])))
+    both = ReportSettings(avg_tasks=("mnli", "mnli_mm"), bootstrap_samples=400)
+    alone = ReportSettings(avg_tasks=("mnli",), bootstrap_samples=400)
+    rows = {
+        name: {r["label"]: r for r in build_table(collect(compare_dir), settings)["rows"]}
+        for name, settings in (("both", both), ("alone", alone))
+    }
+    assert rows["both"]["vanilla"]["interval"] == "seeds"
+    assert rows["both"]["vanilla"]["delta_ci95"] == pytest.approx(rows["alone"]["vanilla"]["delta_ci95"])
+    # and that interval is the percentile interval of the mean of 3 draws from {0.1, 0.2, 0.3}
+    draws = np.random.default_rng(0).integers(0, 3, size=(400, 3))
+    expected = np.percentile(np.array([0.1, 0.2, 0.3])[draws].mean(axis=1), [2.5, 97.5])
+    assert rows["alone"]["vanilla"]["delta_ci95"] == pytest.approx(tuple(expected))
 
 
 def test_avg_tasks_setting_from_the_command_line_and_the_experiment_config(tmp_path: Path, capsys):

@@ -23,10 +23,13 @@ The interval of Δ is a paired bootstrap (SPEC §7): every row was evaluated on 
 examples, so each of ``bootstrap_samples`` resamples draws, per task, n example indices with
 replacement — the same indices for every row — and recomputes each task's own metric on them
 (:mod:`budgetkd.glue.bootstrap`); with several fine-tuning seeds a resample also draws each row's
-seeds with replacement and averages the task over them. Δ of the resample is then formed as
-above, and the interval is the 2.5th–97.5th percentile of those Δ. The example indices of the task
-in column c come from ``numpy.random.default_rng([bootstrap_seed, c])``, so the table is
-deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
+seeds with replacement and averages the task over them — one draw per row and task, shared by
+the splits of a task (MNLI-m and MNLI-mm are two dev sets scored on the same fine-tuned models).
+Δ of the resample is then formed as above, and the interval is the 2.5th–97.5th percentile of
+those Δ. The example indices of the task in column c come from
+``numpy.random.default_rng([bootstrap_seed, c])``, the seed draws of a row from
+``default_rng([bootstrap_seed, c_task, crc32(label)])`` with c_task the column of the task's
+first split, so the table is deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
 or no interval.
 """
 
@@ -409,20 +412,36 @@ def _column_predictions(
     return pairs
 
 
+def task_index(column: ScoreColumn) -> int:
+    """The index (in ALL_COLUMNS) of the column that carries the task's name: the key of its seed
+    draws, the same for every split of one task (MNLI-mm draws as MNLI-m)."""
+    return ALL_COLUMNS.index(COLUMN_BY_KEY[column.task])
+
+
+def seed_draws(seed: int, task: int, label: str, samples: int, seeds: int) -> np.ndarray:
+    """Seed indices [samples, seeds] drawn with replacement for one row and task:
+    ``default_rng([seed, task, crc32(label)]).integers(0, seeds, (samples, seeds))``."""
+    rng = np.random.default_rng([seed, task, zlib.crc32(label.encode())])
+    return rng.integers(0, seeds, size=(samples, seeds))
+
+
 def bootstrap_column(
     column_index: int,
     metrics: tuple[str, ...],
     rows: dict[str, list[tuple[np.ndarray, np.ndarray]]],
     samples: int,
     seed: int,
+    seed_index: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Task scores [samples] of every row on the same example resamples of one dev set.
 
     ``rows``: label → [(labels, predictions)] per fine-tuning seed, all on the same examples
     (the same labels: checked by the caller).
     Example resamples come from ``default_rng([seed, column_index])``; with S > 1 seeds a row's
-    resample r averages S seeds drawn with replacement (``default_rng([seed, column_index,
-    crc32(label)])``), each scored on resample r's examples.
+    resample r averages S seeds drawn with replacement (:func:`seed_draws` keyed by
+    ``seed_index``, default ``column_index``; the report passes :func:`task_index`, so that the
+    splits of one task, scored on one fine-tuned model per seed, share the draw), each scored on
+    resample r's examples.
     """
     n = len(next(iter(rows.values()))[0][0])
     rng = np.random.default_rng([seed, column_index])
@@ -441,8 +460,8 @@ def bootstrap_column(
         if matrix.shape[1] == 1:
             result[label] = matrix[:, 0]
         else:
-            seed_rng = np.random.default_rng([seed, column_index, zlib.crc32(label.encode())])
-            drawn = seed_rng.integers(0, matrix.shape[1], size=matrix.shape)
+            task = column_index if seed_index is None else seed_index
+            drawn = seed_draws(seed, task, label, samples, matrix.shape[1])
             result[label] = np.take_along_axis(matrix, drawn, axis=1).mean(axis=1)
     return result
 
@@ -478,20 +497,37 @@ def paired_bootstrap(rows: list[dict], columns: list[ScoreColumn], settings: Rep
         _check_same_examples(column, found, rows_by_label)
         index = ALL_COLUMNS.index(column)
         for label, values in bootstrap_column(
-            index, column.metrics, found, settings.bootstrap_samples, settings.bootstrap_seed
+            index,
+            column.metrics,
+            found,
+            settings.bootstrap_samples,
+            settings.bootstrap_seed,
+            task_index(column),
         ).items():
             scores[(label, column.key)] = values
     return scores
 
 
 def _seed_bootstrap(row: dict, base: dict, tasks: list[str], samples: int, rng: np.random.Generator):
-    """Without prediction files: Δ resampled over the seeds of each task, per row (the old interval)."""
+    """Without prediction files: Δ resampled over the seeds of each task, per row (the old interval).
+
+    Δ_r = mean_t (mean_s a_t[i_r,s] − mean_s b_t[j_r,s]), seed indices i_r (the row) and j_r (the
+    base) drawn with replacement per task; the splits of one task (MNLI-m, MNLI-mm) share the draw,
+    their scores coming from the same fine-tuned models."""
     if all(len(row["scores"][t]) < 2 and len(base["scores"][t]) < 2 for t in tasks):
         return None
+    draws: dict[tuple, np.ndarray] = {}
     total = np.zeros(samples)
-    for task in tasks:
-        a, b = np.asarray(row["scores"][task]), np.asarray(base["scores"][task])
-        total += rng.choice(a, (samples, len(a))).mean(1) - rng.choice(b, (samples, len(b))).mean(1)
+    for key in tasks:
+        task = COLUMN_BY_KEY[key].task
+        sides = []
+        for who in (row, base):
+            values = np.asarray(who["scores"][key])
+            draw = (who["label"], task, len(values))
+            if draw not in draws:
+                draws[draw] = rng.integers(0, len(values), size=(samples, len(values)))
+            sides.append(values[draws[draw]].mean(axis=1))
+        total += sides[0] - sides[1]
     return total / len(tasks)
 
 
