@@ -620,6 +620,73 @@ def test_the_teachers_preparation_is_reported_not_charged(compare_dir: Path):
     )
 
 
+def _capture_figure_texts(monkeypatch, module, saver: str) -> dict:
+    """Replace ``module.<saver>(fig, path)`` by one that records each figure's titles by file name."""
+    texts: dict = {}
+
+    def capture(fig, path, *args, **kwargs):
+        titles = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+        texts[Path(path).name] = titles + [ax.get_title() for ax in fig.axes]
+        return path
+
+    monkeypatch.setattr(module, saver, capture)
+    return texts
+
+
+def test_teacher_cost_schedule_and_data_setting_are_stated_everywhere(compare_dir: Path, monkeypatch):
+    from budgetkd import report
+
+    experiment = json.loads((compare_dir / "experiment.json").read_text())
+    experiment.update(
+        teacher_cost={"mode": "amortized", "pretraining": "auto", "students": 4},
+        budget={"explicit": "100s", "sweep": None, "schedule": "wsd", "decay_fraction": 0.25},
+        data_setting="limited",
+    )
+    (compare_dir / "experiment.json").write_text(json.dumps(experiment))
+    charge = {"mode": "amortized", "time_s": 7.0, "flops": 5e11, "students": 4}
+    (compare_dir / "teacher_cost.json").write_text(json.dumps(charge))
+    texts = _capture_figure_texts(monkeypatch, report, "_save_figure")
+    write_report(compare_dir)
+    want = "teacher_cost: amortized (K = 4) · schedule: wsd (decay fraction 0.25) · data_setting: limited"
+    assert f"Setup: {want}." in (compare_dir / "table.md").read_text()
+    with open(compare_dir / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["teacher_cost"], r["schedule"], r["data_setting"]) for r in rows} == {
+        ("amortized", "wsd", "limited")
+    }
+    tex = (compare_dir / "table.tex").read_text()
+    caption = next(line for line in tex.splitlines() if line.startswith(r"\caption{"))
+    assert caption.endswith(
+        r"teacher\_cost: amortized (K = 4) $\cdot$ schedule: wsd (decay fraction 0.25) $\cdot$ "
+        r"data\_setting: limited}"
+    )
+    assert tex.startswith(r"\begin{table}") and tex.index(r"\end{tabular}") < tex.index(r"\end{table}")
+    assert set(texts) == {"glue_scores.png", "val_loss.png", "tokens.png"}
+    for name, titles in texts.items():
+        assert any(want in t for t in titles), name
+    # teacher_cost.json wins over the config (it is what was charged); linear has no decay fraction
+    (compare_dir / "teacher_cost.json").write_text(json.dumps({"mode": "free", "time_s": 0.0, "flops": 0.0}))
+    experiment["budget"]["schedule"] = "linear"
+    (compare_dir / "experiment.json").write_text(json.dumps(experiment))
+    assert report.setup_text(report.read_setup(compare_dir)) == (
+        "teacher_cost: free · schedule: linear · data_setting: limited"
+    )
+
+
+def test_a_directory_that_records_no_setup_says_so(compare_dir: Path):
+    from budgetkd import report
+
+    write_report(compare_dir)
+    assert (
+        "Setup: teacher_cost: not recorded, counted as inference · schedule: not recorded · "
+        "data_setting: not recorded." in (compare_dir / "table.md").read_text()
+    )
+    with open(compare_dir / "table.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert (row["teacher_cost"], row["schedule"], row["data_setting"]) == ("", "", "")
+    assert report.read_setup(compare_dir)["teacher_cost"] is None
+
+
 def test_a_malformed_teacher_cost_file_is_a_one_line_error(compare_dir: Path):
     (compare_dir / "teacher_cost.json").write_text("{not json")
     with pytest.raises(BudgetKDError, match="teacher cost"):

@@ -356,7 +356,45 @@ def collect(out: Path) -> dict:
         collect_row(label, name, out / "runs" / label, out / "glue" / label / "glue.json")
         for label, name in entries
     ]
-    return {"rows": rows}
+    return {"rows": rows, "setup": read_setup(out)}
+
+
+def read_setup(out: Path) -> dict:
+    """What the comparison ran under (SPEC §7a), from DIR/teacher_cost.json and DIR/experiment.json
+    (the resolved config): ``teacher_cost`` (the mode charged; teacher_cost.json first, else
+    ``teacher_cost.mode``), ``students`` (K, amortized only), ``schedule`` (``budget.schedule``),
+    ``decay_fraction`` (wsd only), ``data_setting``; None where the directory does not record it."""
+    experiment = _optional_json(out / "experiment.json", "experiment record") or {}
+    charge = read_teacher_charge(out) or {}
+    spec = experiment.get("teacher_cost") if isinstance(experiment.get("teacher_cost"), dict) else {}
+    budget = experiment.get("budget") if isinstance(experiment.get("budget"), dict) else {}
+    mode = charge.get("mode") or spec.get("mode")
+    schedule = budget.get("schedule")
+    return {
+        "teacher_cost": mode,
+        "students": (charge.get("students") or spec.get("students")) if mode == "amortized" else None,
+        "schedule": schedule,
+        "decay_fraction": budget.get("decay_fraction") if schedule == "wsd" else None,
+        "data_setting": experiment.get("data_setting"),
+    }
+
+
+NOT_RECORDED = "not recorded"
+
+
+def setup_text(setup: dict | None) -> str:
+    """``teacher_cost: amortized (K = 4) · schedule: wsd (decay fraction 0.2) · data_setting:
+    unlimited`` — one line for the notes, captions and plot titles."""
+    setup = setup or {}
+    # the budget accounting (charged_amounts) reads an unrecorded mode as the paper's
+    cost = setup.get("teacher_cost") or f"{NOT_RECORDED}, counted as inference"
+    if setup.get("students"):
+        cost += f" (K = {setup['students']})"
+    schedule = setup.get("schedule") or NOT_RECORDED
+    if setup.get("decay_fraction") is not None:
+        schedule += f" (decay fraction {setup['decay_fraction']:g})"
+    data = setup.get("data_setting") or NOT_RECORDED
+    return f"teacher_cost: {cost} · schedule: {schedule} · data_setting: {data}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,6 +666,7 @@ def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
         "extra_columns": extra_columns,
         "avg_tasks": avg_keys,
         "settings": settings,
+        "setup": data.get("setup") or {},
         "has_base": base is not None,
         "rows": table,
     }
@@ -687,6 +726,7 @@ def table_notes(table: dict) -> list[str]:
         else ", ".join(COLUMN_BY_KEY[k].title for k in settings.avg_tasks)
     )
     notes = [
+        f"Setup: {setup_text(table.get('setup'))}.",
         "GLUE dev scores ×100 (MRPC F1, CoLA MCC, MNLI-m/-mm matched/mismatched accuracy, STS-B mean of "
         "Pearson and Spearman, else accuracy); – = not evaluated.",
         f"Avg = mean over {_titles(table['avg_tasks'])} (avg_tasks: {setting}, those present; set with "
@@ -869,6 +909,8 @@ def render_csv(table: dict) -> str:
     for column in table["columns"]:
         header += [column.key, f"{column.key}_std"]
     header += ["avg", "avg_tasks", "delta", "delta_low", "delta_high", "delta_tasks", "delta_interval"]
+    header += ["teacher_cost", "schedule", "data_setting"]
+    setup = table.get("setup") or {}
     writer.writerow(header)
     for row in table["rows"]:
         line = [row["display"], row["label"], row["tokens"], row["stopped_by"]]
@@ -884,6 +926,9 @@ def render_csv(table: dict) -> str:
             _pct(high),
             ";".join(row["delta_tasks"]),
             row["interval"],
+            setup.get("teacher_cost"),
+            setup.get("schedule"),
+            setup.get("data_setting"),
         ]
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
@@ -897,12 +942,17 @@ def _tex_escape(text: str) -> str:
         .replace(MARK_DATA_LIMIT, r"$^\ddagger$")
         .replace("Δ", r"$\Delta$")
         .replace("–", "--")
+        .replace("·", r"$\cdot$")
     )
 
 
 def render_tex(table: dict) -> str:
     avg, extra = table["avg_columns"], table["extra_columns"]
+    caption = "Knowledge distillation vs. pretraining from scratch under one compute budget; "
     lines = [
+        r"\begin{table}",
+        r"\centering",
+        r"\caption{" + _tex_escape(caption + setup_text(table.get("setup"))) + "}",
         r"\begin{tabular}{l r " + "r " * len(avg) + "r r" + " r" * len(extra) + "}",
         r"\toprule",
         " & ".join(
@@ -918,7 +968,7 @@ def render_tex(table: dict) -> str:
         cells += [_fmt_avg(row), _fmt_delta(row)]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in extra]
         lines.append(" & ".join(_tex_escape(c) for c in cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     lines += ["% " + note.replace("\n", " ") for note in table_notes(table)]
     return "\n".join(lines) + "\n"
 
@@ -1057,7 +1107,8 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
         )
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, [c.title for c in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
-    ax.set_title("GLUE dev score per task and strategy")
+    setup = setup_text(table.get("setup"))
+    ax.set_title(f"GLUE dev score per task and strategy\n{setup}", fontsize=10)
     # beside the axes, not over the bars (inside, it hid the tallest ones)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     paths.append(plots / "glue_scores.png")
@@ -1080,7 +1131,7 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
         kd = [(e["budget_fraction"], e["val_loss"]) for e in evaluations if e.get("val_loss") is not None]
         if kd and row["strategy"] != "none":
             axes[1].plot([a for a, _ in kd], [b for _, b in kd], **style)
-    fig.suptitle("Validation loss against the fraction of the budget consumed")
+    fig.suptitle(f"Validation loss against the fraction of the budget consumed\n{setup}", fontsize=11)
     axes[0].set_title("MLM loss (students whose MLM head trains)")
     if untrained:
         axes[0].text(
@@ -1113,7 +1164,7 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     bars = ax.bar(labels, tokens, color=[colour[r["label"]] for r in rows])
     ax.bar_label(bars, fmt="%.2fM", fontsize=8)
     ax.set_ylabel("tokens processed (millions)")
-    ax.set_title("Tokens processed per strategy under the same budget")
+    ax.set_title(f"Tokens processed per strategy under the same budget\n{setup}", fontsize=8)
     ax.tick_params(axis="x", labelrotation=20)
     paths.append(plots / "tokens.png")
     _save_figure(fig, paths[-1])
