@@ -163,6 +163,11 @@ def test_written_files_and_their_numbers(compare_dir: Path):
     assert "† TinyBERT: Avg over MRPC-F1, RTE (no CoLA-MCC); Δ over MRPC-F1, RTE." in md
     assert "Avg = mean over MRPC-F1, RTE, CoLA-MCC (avg_tasks: the paper's seven" in md
     assert "STS-B shown beside it, not averaged" in md
+    # every Δ names its task set: two sets here, so row by row
+    assert (
+        "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have — Vanilla-KD: MRPC-F1, RTE, CoLA-MCC; "
+        "TinyBERT: MRPC-F1, RTE;" in md
+    )
     assert float(rows["tinybert"]["delta"]) == pytest.approx(5.0, abs=1e-3)
     assert rows["tinybert"]["delta_tasks"] == "mrpc;rte"
     assert float(rows["none"]["stsb"]) == pytest.approx(90.0)
@@ -391,7 +396,10 @@ def test_several_seeds_resample_seeds_and_examples(tmp_path: Path):
         _brute_force_interval(rows, "none", "vanilla", ["mrpc", "rte", "cola"], 40, 0), abs=1e-12
     )
     write_report(out)
-    assert "resampled over seeds × examples" in (out / "table.md").read_text()
+    md = (out / "table.md").read_text()
+    assert "resampled over seeds × examples" in md
+    # one Δ, one task set, named
+    assert "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have: MRPC-F1, RTE, CoLA-MCC; [low" in md
 
 
 def _mnli_predictions(seed: int, qualities) -> dict:

@@ -716,6 +716,19 @@ def _titles(keys) -> str:
     return ", ".join(COLUMN_BY_KEY[k].title for k in keys) or "none"
 
 
+def delta_tasks_text(rows: list[dict]) -> str:
+    """``Δ = Avg − Avg(No-KD) over RTE, MRPC-F1 (…)``: the task set of every Δ, named once when
+    all share it, else row by row."""
+    with_delta = [r for r in rows if r["delta"] is not None]
+    sets = {tuple(r["delta_tasks"]) for r in with_delta}
+    text = "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have"
+    if len(sets) == 1:
+        return f"{text}: {_titles(next(iter(sets)))}"
+    if sets:
+        return f"{text} — " + "; ".join(f"{r['display']}: {_titles(r['delta_tasks'])}" for r in with_delta)
+    return text
+
+
 def table_notes(table: dict) -> list[str]:
     """The sentences under the table: what Avg is over, what the interval is, the marks."""
     settings: ReportSettings = table["settings"]
@@ -744,7 +757,7 @@ def table_notes(table: dict) -> list[str]:
         notes.append("No No-KD row, so no Δ.")
         return notes
     kinds = {r["interval"] for r in rows if r["interval"]}
-    text = "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have"
+    text = delta_tasks_text(rows)
     if kinds & {INTERVAL_EXAMPLES, INTERVAL_SEEDS_EXAMPLES}:
         text += (
             f"; [low, high] = 95 % paired bootstrap interval: {settings.bootstrap_samples} resamples of "
