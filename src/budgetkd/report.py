@@ -708,7 +708,8 @@ def _fmt_delta(row: dict) -> str:
     return text + (MARK_FEWER_TASKS if row["fewer_tasks"] else "")
 
 
-def _fmt_strategy(row: dict) -> str:
+def fmt_strategy(row: dict) -> str:
+    """The strategy cell: its display name, ‡ when its run stopped at the data limit."""
     return row["display"] + (f" {MARK_DATA_LIMIT}" if row["data_limited"] else "")
 
 
@@ -809,7 +810,7 @@ def render_markdown(table: dict, budget_rows: list[dict], teacher_note: str | No
     lines = ["# Knowledge distillation vs. pretraining from scratch under one compute budget", ""]
     lines += ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] + ["---:"] * (len(titles) - 1)) + "|"]
     for row in table["rows"]:
-        cells = [_fmt_strategy(row), _fmt_tokens(row["tokens"])]
+        cells = [fmt_strategy(row), _fmt_tokens(row["tokens"])]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in table["avg_columns"]]
         cells += [_fmt_avg(row), _fmt_delta(row)]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in table["extra_columns"]]
@@ -976,7 +977,7 @@ def render_tex(table: dict) -> str:
         r"\midrule",
     ]
     for row in table["rows"]:
-        cells = [_fmt_strategy(row), _fmt_tokens(row["tokens"])]
+        cells = [fmt_strategy(row), _fmt_tokens(row["tokens"])]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in avg]
         cells += [_fmt_avg(row), _fmt_delta(row)]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in extra]
