@@ -488,3 +488,28 @@ def test_every_sweep_delta_names_its_tasks_and_the_setup(tmp_path, monkeypatch):
         assert not any("‡ stopped at the data limit" in t for t in figures[name]["legend"])
     # the per-point tables state it as table.md does
     assert f"Setup: {want}." in (out / "sweep" / "table-1e+12flops.md").read_text()
+
+
+@pytest.mark.parametrize("limited, points", [(frozenset(), 3), ({("vanilla", 4e12)}, 2)])
+def test_the_crossover_against_k_leaves_data_limited_points_out(tmp_path, limited, points):
+    import json
+
+    from budgetkd.sweep_report import write_sweep_report
+
+    out = _sweep_dir(tmp_path, limited=limited)
+    sweep = json.loads((out / "sweep.json").read_text())
+    charge = {
+        "mode": "amortized",
+        "time_s": 0.0,
+        "flops": 1e11,
+        "students": 4,
+        "pretraining": {"flops": 4e11},
+    }
+    sweep["teacher_cost"] = charge
+    (out / "sweep.json").write_text(json.dumps(sweep))
+    (out / "teacher_cost.json").write_text(json.dumps(charge))
+    write_sweep_report(out)
+    rows = json.loads((out / "sweep" / "crossover.json").read_text())["vanilla"]["by_students"]
+    # K = 1024: the KD points cost 1, 2, 4, 8 (×1e12) plus 4e11/1024; the last lies beyond No-KD's
+    # largest point, so 3 points count, 2 when the ‡ point at 4 is left out
+    assert {r["students"]: r["points"] for r in rows}[1024] == points
