@@ -163,6 +163,11 @@ def test_written_files_and_their_numbers(compare_dir: Path):
     assert "† TinyBERT: Avg over MRPC-F1, RTE (no CoLA-MCC); Δ over MRPC-F1, RTE." in md
     assert "Avg = mean over MRPC-F1, RTE, CoLA-MCC (avg_tasks: the paper's seven" in md
     assert "STS-B shown beside it, not averaged" in md
+    # every Δ names its task set: two sets here, so row by row
+    assert (
+        "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have — Vanilla-KD: MRPC-F1, RTE, CoLA-MCC; "
+        "TinyBERT: MRPC-F1, RTE;" in md
+    )
     assert float(rows["tinybert"]["delta"]) == pytest.approx(5.0, abs=1e-3)
     assert rows["tinybert"]["delta_tasks"] == "mrpc;rte"
     assert float(rows["none"]["stsb"]) == pytest.approx(90.0)
@@ -271,13 +276,18 @@ def _predictions(seed: int, quality: float, with_cola: bool = True, seeds=(1,)) 
     return out
 
 
-def _brute_force_interval(rows: dict, base: str, label: str, tasks: list[str], samples: int, seed: int):
-    """The documented bootstrap written out with explicit index resamples and the library metrics."""
+def _brute_force_interval(
+    rows: dict, base: str, label: str, tasks: list[str], samples: int, seed: int, shared_seeds: bool = True
+):
+    """The documented bootstrap written out with explicit index resamples and the library metrics.
+    ``shared_seeds``: a row's seed draw is keyed by the task (the column of its first split), so
+    MNLI-m and MNLI-mm share it; False: keyed by each column, as before the fix."""
     deltas = np.zeros(samples)
     for key in tasks:
         column = COLUMN_BY_KEY[key]
         task = TASKS[column.task]
         index = ALL_COLUMNS.index(column)
+        seed_key = [c.key for c in ALL_COLUMNS].index(column.task) if shared_seeds else index
         first = rows[base][2][column.task]
         n = len(next(iter(first.values()))[column.split][0])
         indices = np.random.default_rng([seed, index]).integers(0, n, size=(samples, n))
@@ -291,7 +301,7 @@ def _brute_force_interval(rows: dict, base: str, label: str, tasks: list[str], s
                     values = compute_metrics(task, y[i], p[i])
                     matrix[r, s] = np.mean([values[m] for m in column.metrics])
             if matrix.shape[1] > 1:
-                rng = np.random.default_rng([seed, index, zlib.crc32(who.encode())])
+                rng = np.random.default_rng([seed, seed_key, zlib.crc32(who.encode())])
                 drawn = rng.integers(0, matrix.shape[1], size=matrix.shape)
                 matrix = np.take_along_axis(matrix, drawn, axis=1)
             side[who] = matrix.mean(axis=1)
@@ -386,7 +396,77 @@ def test_several_seeds_resample_seeds_and_examples(tmp_path: Path):
         _brute_force_interval(rows, "none", "vanilla", ["mrpc", "rte", "cola"], 40, 0), abs=1e-12
     )
     write_report(out)
-    assert "resampled over seeds × examples" in (out / "table.md").read_text()
+    md = (out / "table.md").read_text()
+    assert "resampled over seeds × examples" in md
+    # one Δ, one task set, named
+    assert "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have: MRPC-F1, RTE, CoLA-MCC; [low" in md
+
+
+def _mnli_predictions(seed: int, qualities) -> dict:
+    """MNLI matched (40 examples) and mismatched (36), 3 classes, one fine-tuned model per seed
+    scored on both: seed s is right with probability ``qualities[s − 1]`` on either split."""
+    truth = np.random.default_rng(101)
+    splits = {"dev_matched": truth.integers(0, 3, 40), "dev_mismatched": truth.integers(0, 3, 36)}
+    out: dict = {"mnli": {}}
+    for s, quality in enumerate(qualities, start=1):
+        rng = np.random.default_rng([seed, s])
+        out["mnli"][s] = {
+            name: (y.tolist(), np.where(rng.random(len(y)) < quality, y, (y + 1) % 3).tolist())
+            for name, y in splits.items()
+        }
+    return out
+
+
+def test_mnli_matched_and_mismatched_share_each_rows_seed_draw(tmp_path: Path):
+    # the seeds differ a lot and alike on both splits (one model per seed): drawing the splits'
+    # seeds independently would average that variation away and narrow the interval
+    rows = {
+        "none": ("none", "No-KD", _mnli_predictions(1, (0.5, 0.6, 0.7))),
+        "vanilla": ("vanilla", "Vanilla-KD", _mnli_predictions(2, (0.35, 0.7, 0.95))),
+    }
+    out = _make_dir(tmp_path, rows)
+    settings = ReportSettings(avg_tasks=("mnli", "mnli_mm"), bootstrap_samples=60, bootstrap_seed=3)
+    row = {r["label"]: r for r in build_table(collect(out), settings)["rows"]}["vanilla"]
+    assert row["delta_tasks"] == ["mnli", "mnli_mm"] and row["interval"] == "seeds x examples"
+    tasks = ["mnli", "mnli_mm"]
+    shared = _brute_force_interval(rows, "none", "vanilla", tasks, 60, 3)
+    independent = _brute_force_interval(rows, "none", "vanilla", tasks, 60, 3, shared_seeds=False)
+    assert row["delta_ci95"] == pytest.approx(shared, abs=1e-12)
+    assert row["delta_ci95"] != pytest.approx(independent, abs=1e-3)
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    assert width(shared) > 1.2 * width(independent)
+
+
+def test_the_seed_only_interval_shares_the_seed_draw_of_mnli_m_and_mm(compare_dir: Path):
+    # no prediction files, three seeds: seed s scores 0.5 + 0.1·s on both splits for the student,
+    # 0.5 for No-KD. Shared draw: Δ_r = mean of the drawn student scores − 0.5, the same on both
+    # splits, so Δ = that of MNLI-m alone, resample by resample.
+    def glue(values):
+        runs = [
+            {
+                "lr": 5e-5,
+                "batch_size": 32,
+                "seed": s,
+                "metrics": {"accuracy_matched": v, "accuracy_mismatched": v},
+            }
+            for s, v in enumerate(values, start=1)
+        ]
+        return {"tasks": {"mnli": {"best": {"lr": 5e-5, "batch_size": 32}, "runs": runs}}}
+
+    (compare_dir / "glue" / "none" / "glue.json").write_text(json.dumps(glue([0.5, 0.5, 0.5])))
+    (compare_dir / "glue" / "vanilla" / "glue.json").write_text(json.dumps(glue([0.6, 0.7, 0.8])))
+    both = ReportSettings(avg_tasks=("mnli", "mnli_mm"), bootstrap_samples=400)
+    alone = ReportSettings(avg_tasks=("mnli",), bootstrap_samples=400)
+    rows = {
+        name: {r["label"]: r for r in build_table(collect(compare_dir), settings)["rows"]}
+        for name, settings in (("both", both), ("alone", alone))
+    }
+    assert rows["both"]["vanilla"]["interval"] == "seeds"
+    assert rows["both"]["vanilla"]["delta_ci95"] == pytest.approx(rows["alone"]["vanilla"]["delta_ci95"])
+    # and that interval is the percentile interval of the mean of 3 draws from {0.1, 0.2, 0.3}
+    draws = np.random.default_rng(0).integers(0, 3, size=(400, 3))
+    expected = np.percentile(np.array([0.1, 0.2, 0.3])[draws].mean(axis=1), [2.5, 97.5])
+    assert rows["alone"]["vanilla"]["delta_ci95"] == pytest.approx(tuple(expected))
 
 
 def test_avg_tasks_setting_from_the_command_line_and_the_experiment_config(tmp_path: Path, capsys):
@@ -546,6 +626,73 @@ def test_the_teachers_preparation_is_reported_not_charged(compare_dir: Path):
         "validation MLM loss 6.570; each KD row is charged 1/4 of the teacher's pretraining"
         in (compare_dir / "table.md").read_text()
     )
+
+
+def _capture_figure_texts(monkeypatch, module, saver: str) -> dict:
+    """Replace ``module.<saver>(fig, path)`` by one that records each figure's titles by file name."""
+    texts: dict = {}
+
+    def capture(fig, path, *args, **kwargs):
+        titles = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+        texts[Path(path).name] = titles + [ax.get_title() for ax in fig.axes]
+        return path
+
+    monkeypatch.setattr(module, saver, capture)
+    return texts
+
+
+def test_teacher_cost_schedule_and_data_setting_are_stated_everywhere(compare_dir: Path, monkeypatch):
+    from budgetkd import report
+
+    experiment = json.loads((compare_dir / "experiment.json").read_text())
+    experiment.update(
+        teacher_cost={"mode": "amortized", "pretraining": "auto", "students": 4},
+        budget={"explicit": "100s", "sweep": None, "schedule": "wsd", "decay_fraction": 0.25},
+        data_setting="limited",
+    )
+    (compare_dir / "experiment.json").write_text(json.dumps(experiment))
+    charge = {"mode": "amortized", "time_s": 7.0, "flops": 5e11, "students": 4}
+    (compare_dir / "teacher_cost.json").write_text(json.dumps(charge))
+    texts = _capture_figure_texts(monkeypatch, report, "_save_figure")
+    write_report(compare_dir)
+    want = "teacher_cost: amortized (K = 4) · schedule: wsd (decay fraction 0.25) · data_setting: limited"
+    assert f"Setup: {want}." in (compare_dir / "table.md").read_text()
+    with open(compare_dir / "table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["teacher_cost"], r["schedule"], r["data_setting"]) for r in rows} == {
+        ("amortized", "wsd", "limited")
+    }
+    tex = (compare_dir / "table.tex").read_text()
+    caption = next(line for line in tex.splitlines() if line.startswith(r"\caption{"))
+    assert caption.endswith(
+        r"teacher\_cost: amortized (K = 4) $\cdot$ schedule: wsd (decay fraction 0.25) $\cdot$ "
+        r"data\_setting: limited}"
+    )
+    assert tex.startswith(r"\begin{table}") and tex.index(r"\end{tabular}") < tex.index(r"\end{table}")
+    assert set(texts) == {"glue_scores.png", "val_loss.png", "tokens.png"}
+    for name, titles in texts.items():
+        assert any(want in t for t in titles), name
+    # teacher_cost.json wins over the config (it is what was charged); linear has no decay fraction
+    (compare_dir / "teacher_cost.json").write_text(json.dumps({"mode": "free", "time_s": 0.0, "flops": 0.0}))
+    experiment["budget"]["schedule"] = "linear"
+    (compare_dir / "experiment.json").write_text(json.dumps(experiment))
+    assert report.setup_text(report.read_setup(compare_dir)) == (
+        "teacher_cost: free · schedule: linear · data_setting: limited"
+    )
+
+
+def test_a_directory_that_records_no_setup_says_so(compare_dir: Path):
+    from budgetkd import report
+
+    write_report(compare_dir)
+    assert (
+        "Setup: teacher_cost: not recorded, counted as inference · schedule: not recorded · "
+        "data_setting: not recorded." in (compare_dir / "table.md").read_text()
+    )
+    with open(compare_dir / "table.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert (row["teacher_cost"], row["schedule"], row["data_setting"]) == ("", "", "")
+    assert report.read_setup(compare_dir)["teacher_cost"] is None
 
 
 def test_a_malformed_teacher_cost_file_is_a_one_line_error(compare_dir: Path):

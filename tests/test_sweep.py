@@ -109,10 +109,43 @@ def test_crossover_interval_follows_the_observed_direction():
     result = crossover_with_interval(budgets, [1.0, 1.0, -1.0], samples)
     assert result["direction"] == "kd_stops_paying"
     assert result["low"] == pytest.approx(2 * 2**0.5) and result["high"] == pytest.approx(2 * 2**0.5)
-    # KD behind throughout: no crossover; resamples behind throughout lie below the range
+    # KD behind throughout: no crossover; the question is where KD starts paying, and resamples
+    # behind throughout have it above the range
     behind = crossover_with_interval(budgets, [-1.0, -2.0, -3.0], np.array([[-1.0, -2.0, -3.0]] * 4))
     assert behind["crossover"] is None and behind["text"].endswith("(KD behind throughout)")
+    assert behind["direction"] == "kd_starts_paying"
     assert behind["low"] is None and behind["high"] is None and behind["no_crossover_share"] == 1.0
+
+
+def _share_crossing(samples: np.ndarray, sign_before: int) -> float:
+    """Brute force: the share of resamples whose Δ changes from ``sign_before`` to the other sign
+    between two adjacent points (the noise is continuous: no Δ is exactly 0)."""
+    signs = np.sign(samples)
+    return float(np.mean([any(r[j] == sign_before == -r[j + 1] for j in range(len(r) - 1)) for r in signs]))
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_without_a_crossover_the_resamples_are_counted_in_the_direction_that_can_still_happen(sign):
+    from budgetkd.sweep_report import _crossover_text
+
+    budgets = [1.0, 2.0, 4.0, 8.0]
+    deltas = sign * np.array([3.0, 2.0, 1.0, 0.2])  # KD behind (−) or ahead (+) throughout
+    samples = deltas + np.random.default_rng(0).normal(0.0, 0.6, (2000, 4))
+    result = crossover_with_interval(budgets, deltas, samples)
+    # behind throughout: does KD *start* paying inside the range (Δ from < 0 to > 0)?
+    # ahead throughout: does it *stop* (Δ from > 0 to < 0)?
+    assert result["direction"] == ("kd_starts_paying" if sign < 0 else "kd_stops_paying")
+    crossing = _share_crossing(samples, sign)
+    assert 1 - result["no_crossover_share"] == pytest.approx(crossing)
+    if sign < 0:
+        # the figures of the issue: 41 % start paying inside the range; only 4 % would cross the
+        # other way, the share the text reported when the direction defaulted to "stops paying"
+        assert crossing == pytest.approx(0.4125) and _share_crossing(samples, 1) == pytest.approx(0.037)
+    entry = {"points": [{"budget": b} for b in budgets], **result}
+    verb = "starts" if sign < 0 else "stops"
+    assert _crossover_text(entry, "flops").endswith(
+        f"; in {100 * crossing:.0f} % of the bootstrap resamples KD {verb} paying inside it"
+    )
 
 
 def test_teacher_charge_modes():
@@ -255,7 +288,7 @@ def test_crossover_text_names_direction_unit_and_interval():
         "no_crossover_share": 0.9,
     }
     assert _crossover_text(none, "flops").endswith(
-        "(KD ahead throughout); 10 % of the bootstrap resamples cross inside it"
+        "(KD ahead throughout); in 10 % of the bootstrap resamples KD stops paying inside it"
     )
 
 
@@ -283,3 +316,200 @@ def test_crossover_against_k_by_hand():
     assert rows[4]["crossover"] == pytest.approx(want) and rows[4]["points"] == 3
     # K = 1: costs 2, 3, 4 → Δ 0 (no sign), 62 − 65.85 = −3.85, 63 − 70 = −7: no crossing
     assert rows[1]["crossover"] is None and rows[1]["points"] == 3
+
+
+# -- the sweep report on a hand-built sweep directory -------------------------------------------
+N_DEV = 40
+# correct RTE answers out of 40 at budgets 1, 2, 4, 8 (×1e12 FLOPs): Δ = +15, +5, −10, −15 points
+SWEEP_CORRECT = {"none": (20, 24, 28, 32), "vanilla": (26, 26, 24, 26)}
+SWEEP_POINTS = (1e12, 2e12, 4e12, 8e12)
+
+
+def _rte(correct: int) -> dict:
+    """One seed of RTE predictions right on exactly ``correct`` of the 40 dev examples."""
+    labels = np.arange(N_DEV) % 2
+    predicted = labels.copy()
+    predicted[: N_DEV - correct] = 1 - predicted[: N_DEV - correct]
+    return {"rte": {1: {"dev": (labels.tolist(), predicted.tolist())}}}
+
+
+def _sweep_dir(tmp_path, limited: set = frozenset(), setup: dict | None = None):
+    """A finished sweep of No-KD and Vanilla-KD at four FLOPs budgets, written as compare does:
+    sweep.json, experiment.json, teacher_cost.json, runs/<id>/summary.json, glue/<id>/ with
+    prediction files. ``limited``: the (label, budget) whose run stopped at the data limit."""
+    import json
+
+    from test_report import _summary, _write_glue_with_predictions
+
+    out = tmp_path / "sweep-out"
+    students = {}
+    for label, strategy, display in (("none", "none", "No-KD"), ("vanilla", "vanilla", "Vanilla-KD")):
+        for point, correct in zip(SWEEP_POINTS, SWEEP_CORRECT[label]):
+            tag = f"{point:g}flops"
+            sid = f"{label}@{tag}"
+            run = out / "runs" / sid
+            run.mkdir(parents=True)
+            summary = _summary(strategy, display, 1_000_000, 100.0, 0.0 if strategy == "none" else 1e12)
+            summary["stopped_by"] = "data limit" if (label, point) in limited else "budget"
+            (run / "summary.json").write_text(json.dumps(summary))
+            (out / "glue" / sid).mkdir(parents=True)
+            _write_glue_with_predictions(out / "glue" / sid, _rte(correct))
+            students[sid] = {
+                "label": label,
+                "strategy": strategy,
+                "tag": tag,
+                "budget": f"{point}flops",
+                "amount": point,
+                "point_amount": point,
+                "run": str(run),
+            }
+    charge = {"mode": "inference", "time_s": 0.0, "flops": 0.0, "charge_forward": True}
+    sweep = {
+        "schedule": "wsd",
+        "decay_fraction": 0.2,
+        "currency": "flops",
+        "teacher_cost": charge,
+        "points": [f"{p:g}flops" for p in SWEEP_POINTS],
+        "students": students,
+    }
+    (out / "sweep.json").write_text(json.dumps(sweep))
+    (out / "teacher_cost.json").write_text(json.dumps(charge))
+    experiment = {
+        "strategies": [{"label": "none", "name": "none"}, {"label": "vanilla", "name": "vanilla"}],
+        "teacher_cost": {"mode": "inference"},
+        "budget": {"schedule": "wsd", "decay_fraction": 0.2},
+        "data_setting": "limited",
+        "report": {"bootstrap_samples": 200},
+        **(setup or {}),
+    }
+    (out / "experiment.json").write_text(json.dumps(experiment))
+    return out
+
+
+def _capture_sweep_figures(monkeypatch) -> dict:
+    """Replace sweep_report._save by one that keeps each figure (by file name) and writes it too."""
+    from budgetkd import sweep_report
+
+    figures: dict = {}
+    original = sweep_report._save
+
+    def keep(fig, path):
+        figures[path.name] = {
+            "titles": [ax.get_title() for ax in fig.axes],
+            "legend": [t.get_text() for t in fig.axes[0].get_legend().get_texts()],
+            "hollow": [
+                list(line.get_xdata())
+                for line in fig.axes[0].get_lines()
+                if line.get_markerfacecolor() == "white" and len(line.get_xdata())
+            ],
+            "dashed": [
+                list(line.get_xdata()) for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"
+            ],
+        }
+        return original(fig, path)
+
+    monkeypatch.setattr(sweep_report, "_save", keep)
+    return figures
+
+
+def test_the_crossover_leaves_data_limited_points_out_and_says_so(tmp_path, monkeypatch):
+    import json
+
+    from budgetkd.sweep_report import write_sweep_report
+
+    # every point: Δ +15 → +5 between 2 and 4 (×1e12), then −10: log B* = log 2 + 5/15·log 2
+    whole = _sweep_dir(tmp_path / "a")
+    write_sweep_report(whole)
+    entry = json.loads((whole / "sweep" / "crossover.json").read_text())["vanilla"]
+    assert [p["delta"] for p in entry["points"]] == pytest.approx([15.0, 5.0, -10.0, -15.0])
+    assert entry["crossover"] == pytest.approx(2e12 * 2 ** (1 / 3)) and entry["excluded"] == []
+    # the KD run at 4e12 stopped at the data limit: its point is left out; between +5 at 2 and
+    # −15 at 8 the zero is at log 2 + 5/20·log 4, i.e. 2·√2 = 2.83 (×1e12)
+    figures = _capture_sweep_figures(monkeypatch)
+    out = _sweep_dir(tmp_path / "b", limited={("vanilla", 4e12)})
+    write_sweep_report(out)
+    entry = json.loads((out / "sweep" / "crossover.json").read_text())["vanilla"]
+    assert entry["crossover"] == pytest.approx(2e12 * 2**0.5) and entry["excluded"] == [4e12]
+    assert [p["data_limited"] for p in entry["points"]] == [False, False, True, False]
+    md = (out / "sweep.md").read_text()
+    assert "left out of the crossover: it is interpolated between the remaining points" in md
+    assert "- Vanilla-KD: KD stops paying at 2.83e+12 FLOPs (95 % interval" in md
+    assert md.count("; left out (‡, data limit): 4e+12 FLOPs") == 1
+    # the per-point table, the Δ table and the plots carry ‡
+    point = md.split("## 4e+12flops")[1].split("## ")[0]
+    assert "| Vanilla-KD (vanilla@4e+12flops) ‡ | 60.0 | -10.0 [" in point
+    assert (
+        "‡ Vanilla-KD (vanilla@4e+12flops): stopped by the data limit before its budget was spent." in point
+    )
+    assert "‡" not in md.split("## 2e+12flops")[1].split("## ")[0]
+    assert "| Vanilla-KD | 4e+12 FLOPs ‡ | -10.0 [" in md and "| Vanilla-KD | 8e+12 FLOPs | -15.0 [" in md
+    delta_plot, avg_plot = figures["delta_vs_budget.png"], figures["avg_vs_budget.png"]
+    limit_entry = "‡ stopped at the data limit (dashed: Δ without them, the crossover's)"
+    assert delta_plot["hollow"] == [[4e12]] and limit_entry in delta_plot["legend"]
+    assert delta_plot["dashed"] == [[1e12, 2e12, 8e12]]  # the line the crossover is interpolated on
+    assert avg_plot["hollow"] == [[4e12]] and "‡ stopped at the data limit" in avg_plot["legend"]
+    assert "crosses 0 at 2.83e+12 FLOPs" in " ".join(delta_plot["legend"])
+
+
+def test_a_data_limited_no_kd_run_marks_the_point_of_every_kd_strategy(tmp_path):
+    import json
+
+    from budgetkd.sweep_report import write_sweep_report
+
+    # No-KD stopped early at 2e12 and 4e12: the two points left are +15 at 1, −15 at 8; the zero
+    # lies half-way in log-budget, at √8 = 2.83 (×1e12)
+    out = _sweep_dir(tmp_path, limited={("none", 2e12), ("none", 4e12)})
+    write_sweep_report(out)
+    entry = json.loads((out / "sweep" / "crossover.json").read_text())["vanilla"]
+    assert entry["excluded"] == [2e12, 4e12]
+    assert entry["crossover"] == pytest.approx(8**0.5 * 1e12)
+    assert "| No-KD (none@2e+12flops) ‡ | 60.0 | 0 (base) | – |" in (out / "sweep.md").read_text()
+
+
+def test_every_sweep_delta_names_its_tasks_and_the_setup(tmp_path, monkeypatch):
+    figures = _capture_sweep_figures(monkeypatch)
+    from budgetkd.sweep_report import write_sweep_report
+
+    setup = {"teacher_cost": {"mode": "free"}, "data_setting": "unlimited"}
+    out = _sweep_dir(tmp_path, setup=setup)
+    (out / "teacher_cost.json").unlink()  # the config's mode, then
+    write_sweep_report(out)
+    md = (out / "sweep.md").read_text()
+    want = "teacher_cost: free · schedule: wsd (decay fraction 0.2) · data_setting: unlimited"
+    assert f"Setup: {want}." in md
+    assert "| Strategy | Avg | Δ [95 % CI] | Δ over |" in md
+    assert "| Vanilla-KD (vanilla@1e+12flops) | 65.0 | +15.0 [" in md and md.count("] | RTE |") == 8
+    # no data-limited run: no table line carries the mark, nothing is left out
+    assert not [line for line in md.splitlines() if line.startswith("|") and "‡" in line]
+    assert "left out (‡" not in md
+    for name in ("delta_vs_budget.png", "avg_vs_budget.png"):
+        assert want in figures[name]["titles"][0], name
+        assert figures[name]["hollow"] == figures[name]["dashed"] == []
+        assert not any("‡ stopped at the data limit" in t for t in figures[name]["legend"])
+    # the per-point tables state it as table.md does
+    assert f"Setup: {want}." in (out / "sweep" / "table-1e+12flops.md").read_text()
+
+
+@pytest.mark.parametrize("limited, points", [(frozenset(), 3), ({("vanilla", 4e12)}, 2)])
+def test_the_crossover_against_k_leaves_data_limited_points_out(tmp_path, limited, points):
+    import json
+
+    from budgetkd.sweep_report import write_sweep_report
+
+    out = _sweep_dir(tmp_path, limited=limited)
+    sweep = json.loads((out / "sweep.json").read_text())
+    charge = {
+        "mode": "amortized",
+        "time_s": 0.0,
+        "flops": 1e11,
+        "students": 4,
+        "pretraining": {"flops": 4e11},
+    }
+    sweep["teacher_cost"] = charge
+    (out / "sweep.json").write_text(json.dumps(sweep))
+    (out / "teacher_cost.json").write_text(json.dumps(charge))
+    write_sweep_report(out)
+    rows = json.loads((out / "sweep" / "crossover.json").read_text())["vanilla"]["by_students"]
+    # K = 1024: the KD points cost 1, 2, 4, 8 (×1e12) plus 4e11/1024; the last lies beyond No-KD's
+    # largest point, so 3 points count, 2 when the ‡ point at 4 is left out
+    assert {r["students"]: r["points"] for r in rows}[1024] == points

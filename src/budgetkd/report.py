@@ -23,10 +23,13 @@ The interval of Δ is a paired bootstrap (SPEC §7): every row was evaluated on 
 examples, so each of ``bootstrap_samples`` resamples draws, per task, n example indices with
 replacement — the same indices for every row — and recomputes each task's own metric on them
 (:mod:`budgetkd.glue.bootstrap`); with several fine-tuning seeds a resample also draws each row's
-seeds with replacement and averages the task over them. Δ of the resample is then formed as
-above, and the interval is the 2.5th–97.5th percentile of those Δ. The example indices of the task
-in column c come from ``numpy.random.default_rng([bootstrap_seed, c])``, so the table is
-deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
+seeds with replacement and averages the task over them — one draw per row and task, shared by
+the splits of a task (MNLI-m and MNLI-mm are two dev sets scored on the same fine-tuned models).
+Δ of the resample is then formed as above, and the interval is the 2.5th–97.5th percentile of
+those Δ. The example indices of the task in column c come from
+``numpy.random.default_rng([bootstrap_seed, c])``, the seed draws of a row from
+``default_rng([bootstrap_seed, c_task, crc32(label)])`` with c_task the column of the task's
+first split, so the table is deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
 or no interval.
 """
 
@@ -353,7 +356,45 @@ def collect(out: Path) -> dict:
         collect_row(label, name, out / "runs" / label, out / "glue" / label / "glue.json")
         for label, name in entries
     ]
-    return {"rows": rows}
+    return {"rows": rows, "setup": read_setup(out)}
+
+
+def read_setup(out: Path) -> dict:
+    """What the comparison ran under (SPEC §7a), from DIR/teacher_cost.json and DIR/experiment.json
+    (the resolved config): ``teacher_cost`` (the mode charged; teacher_cost.json first, else
+    ``teacher_cost.mode``), ``students`` (K, amortized only), ``schedule`` (``budget.schedule``),
+    ``decay_fraction`` (wsd only), ``data_setting``; None where the directory does not record it."""
+    experiment = _optional_json(out / "experiment.json", "experiment record") or {}
+    charge = read_teacher_charge(out) or {}
+    spec = experiment.get("teacher_cost") if isinstance(experiment.get("teacher_cost"), dict) else {}
+    budget = experiment.get("budget") if isinstance(experiment.get("budget"), dict) else {}
+    mode = charge.get("mode") or spec.get("mode")
+    schedule = budget.get("schedule")
+    return {
+        "teacher_cost": mode,
+        "students": (charge.get("students") or spec.get("students")) if mode == "amortized" else None,
+        "schedule": schedule,
+        "decay_fraction": budget.get("decay_fraction") if schedule == "wsd" else None,
+        "data_setting": experiment.get("data_setting"),
+    }
+
+
+NOT_RECORDED = "not recorded"
+
+
+def setup_text(setup: dict | None) -> str:
+    """``teacher_cost: amortized (K = 4) · schedule: wsd (decay fraction 0.2) · data_setting:
+    unlimited`` — one line for the notes, captions and plot titles."""
+    setup = setup or {}
+    # the budget accounting (charged_amounts) reads an unrecorded mode as the paper's
+    cost = setup.get("teacher_cost") or f"{NOT_RECORDED}, counted as inference"
+    if setup.get("students"):
+        cost += f" (K = {setup['students']})"
+    schedule = setup.get("schedule") or NOT_RECORDED
+    if setup.get("decay_fraction") is not None:
+        schedule += f" (decay fraction {setup['decay_fraction']:g})"
+    data = setup.get("data_setting") or NOT_RECORDED
+    return f"teacher_cost: {cost} · schedule: {schedule} · data_setting: {data}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,20 +450,36 @@ def _column_predictions(
     return pairs
 
 
+def task_index(column: ScoreColumn) -> int:
+    """The index (in ALL_COLUMNS) of the column that carries the task's name: the key of its seed
+    draws, the same for every split of one task (MNLI-mm draws as MNLI-m)."""
+    return ALL_COLUMNS.index(COLUMN_BY_KEY[column.task])
+
+
+def seed_draws(seed: int, task: int, label: str, samples: int, seeds: int) -> np.ndarray:
+    """Seed indices [samples, seeds] drawn with replacement for one row and task:
+    ``default_rng([seed, task, crc32(label)]).integers(0, seeds, (samples, seeds))``."""
+    rng = np.random.default_rng([seed, task, zlib.crc32(label.encode())])
+    return rng.integers(0, seeds, size=(samples, seeds))
+
+
 def bootstrap_column(
     column_index: int,
     metrics: tuple[str, ...],
     rows: dict[str, list[tuple[np.ndarray, np.ndarray]]],
     samples: int,
     seed: int,
+    seed_index: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Task scores [samples] of every row on the same example resamples of one dev set.
 
     ``rows``: label → [(labels, predictions)] per fine-tuning seed, all on the same examples
     (the same labels: checked by the caller).
     Example resamples come from ``default_rng([seed, column_index])``; with S > 1 seeds a row's
-    resample r averages S seeds drawn with replacement (``default_rng([seed, column_index,
-    crc32(label)])``), each scored on resample r's examples.
+    resample r averages S seeds drawn with replacement (:func:`seed_draws` keyed by
+    ``seed_index``, default ``column_index``; the report passes :func:`task_index`, so that the
+    splits of one task, scored on one fine-tuned model per seed, share the draw), each scored on
+    resample r's examples.
     """
     n = len(next(iter(rows.values()))[0][0])
     rng = np.random.default_rng([seed, column_index])
@@ -441,8 +498,8 @@ def bootstrap_column(
         if matrix.shape[1] == 1:
             result[label] = matrix[:, 0]
         else:
-            seed_rng = np.random.default_rng([seed, column_index, zlib.crc32(label.encode())])
-            drawn = seed_rng.integers(0, matrix.shape[1], size=matrix.shape)
+            task = column_index if seed_index is None else seed_index
+            drawn = seed_draws(seed, task, label, samples, matrix.shape[1])
             result[label] = np.take_along_axis(matrix, drawn, axis=1).mean(axis=1)
     return result
 
@@ -478,20 +535,37 @@ def paired_bootstrap(rows: list[dict], columns: list[ScoreColumn], settings: Rep
         _check_same_examples(column, found, rows_by_label)
         index = ALL_COLUMNS.index(column)
         for label, values in bootstrap_column(
-            index, column.metrics, found, settings.bootstrap_samples, settings.bootstrap_seed
+            index,
+            column.metrics,
+            found,
+            settings.bootstrap_samples,
+            settings.bootstrap_seed,
+            task_index(column),
         ).items():
             scores[(label, column.key)] = values
     return scores
 
 
 def _seed_bootstrap(row: dict, base: dict, tasks: list[str], samples: int, rng: np.random.Generator):
-    """Without prediction files: Δ resampled over the seeds of each task, per row (the old interval)."""
+    """Without prediction files: Δ resampled over the seeds of each task, per row (the old interval).
+
+    Δ_r = mean_t (mean_s a_t[i_r,s] − mean_s b_t[j_r,s]), seed indices i_r (the row) and j_r (the
+    base) drawn with replacement per task; the splits of one task (MNLI-m, MNLI-mm) share the draw,
+    their scores coming from the same fine-tuned models."""
     if all(len(row["scores"][t]) < 2 and len(base["scores"][t]) < 2 for t in tasks):
         return None
+    draws: dict[tuple, np.ndarray] = {}
     total = np.zeros(samples)
-    for task in tasks:
-        a, b = np.asarray(row["scores"][task]), np.asarray(base["scores"][task])
-        total += rng.choice(a, (samples, len(a))).mean(1) - rng.choice(b, (samples, len(b))).mean(1)
+    for key in tasks:
+        task = COLUMN_BY_KEY[key].task
+        sides = []
+        for who in (row, base):
+            values = np.asarray(who["scores"][key])
+            draw = (who["label"], task, len(values))
+            if draw not in draws:
+                draws[draw] = rng.integers(0, len(values), size=(samples, len(values)))
+            sides.append(values[draws[draw]].mean(axis=1))
+        total += sides[0] - sides[1]
     return total / len(tasks)
 
 
@@ -592,6 +666,7 @@ def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
         "extra_columns": extra_columns,
         "avg_tasks": avg_keys,
         "settings": settings,
+        "setup": data.get("setup") or {},
         "has_base": base is not None,
         "rows": table,
     }
@@ -633,12 +708,26 @@ def _fmt_delta(row: dict) -> str:
     return text + (MARK_FEWER_TASKS if row["fewer_tasks"] else "")
 
 
-def _fmt_strategy(row: dict) -> str:
+def fmt_strategy(row: dict) -> str:
+    """The strategy cell: its display name, ‡ when its run stopped at the data limit."""
     return row["display"] + (f" {MARK_DATA_LIMIT}" if row["data_limited"] else "")
 
 
 def _titles(keys) -> str:
     return ", ".join(COLUMN_BY_KEY[k].title for k in keys) or "none"
+
+
+def delta_tasks_text(rows: list[dict]) -> str:
+    """``Δ = Avg − Avg(No-KD) over RTE, MRPC-F1 (…)``: the task set of every Δ, named once when
+    all share it, else row by row."""
+    with_delta = [r for r in rows if r["delta"] is not None]
+    sets = {tuple(r["delta_tasks"]) for r in with_delta}
+    text = "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have"
+    if len(sets) == 1:
+        return f"{text}: {_titles(next(iter(sets)))}"
+    if sets:
+        return f"{text} — " + "; ".join(f"{r['display']}: {_titles(r['delta_tasks'])}" for r in with_delta)
+    return text
 
 
 def table_notes(table: dict) -> list[str]:
@@ -651,6 +740,7 @@ def table_notes(table: dict) -> list[str]:
         else ", ".join(COLUMN_BY_KEY[k].title for k in settings.avg_tasks)
     )
     notes = [
+        f"Setup: {setup_text(table.get('setup'))}.",
         "GLUE dev scores ×100 (MRPC F1, CoLA MCC, MNLI-m/-mm matched/mismatched accuracy, STS-B mean of "
         "Pearson and Spearman, else accuracy); – = not evaluated.",
         f"Avg = mean over {_titles(table['avg_tasks'])} (avg_tasks: {setting}, those present; set with "
@@ -668,7 +758,7 @@ def table_notes(table: dict) -> list[str]:
         notes.append("No No-KD row, so no Δ.")
         return notes
     kinds = {r["interval"] for r in rows if r["interval"]}
-    text = "Δ = Avg − Avg(No-KD) over the Avg tasks both rows have"
+    text = delta_tasks_text(rows)
     if kinds & {INTERVAL_EXAMPLES, INTERVAL_SEEDS_EXAMPLES}:
         text += (
             f"; [low, high] = 95 % paired bootstrap interval: {settings.bootstrap_samples} resamples of "
@@ -720,7 +810,7 @@ def render_markdown(table: dict, budget_rows: list[dict], teacher_note: str | No
     lines = ["# Knowledge distillation vs. pretraining from scratch under one compute budget", ""]
     lines += ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] + ["---:"] * (len(titles) - 1)) + "|"]
     for row in table["rows"]:
-        cells = [_fmt_strategy(row), _fmt_tokens(row["tokens"])]
+        cells = [fmt_strategy(row), _fmt_tokens(row["tokens"])]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in table["avg_columns"]]
         cells += [_fmt_avg(row), _fmt_delta(row)]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in table["extra_columns"]]
@@ -833,6 +923,8 @@ def render_csv(table: dict) -> str:
     for column in table["columns"]:
         header += [column.key, f"{column.key}_std"]
     header += ["avg", "avg_tasks", "delta", "delta_low", "delta_high", "delta_tasks", "delta_interval"]
+    header += ["teacher_cost", "schedule", "data_setting"]
+    setup = table.get("setup") or {}
     writer.writerow(header)
     for row in table["rows"]:
         line = [row["display"], row["label"], row["tokens"], row["stopped_by"]]
@@ -848,6 +940,9 @@ def render_csv(table: dict) -> str:
             _pct(high),
             ";".join(row["delta_tasks"]),
             row["interval"],
+            setup.get("teacher_cost"),
+            setup.get("schedule"),
+            setup.get("data_setting"),
         ]
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
@@ -861,12 +956,17 @@ def _tex_escape(text: str) -> str:
         .replace(MARK_DATA_LIMIT, r"$^\ddagger$")
         .replace("Δ", r"$\Delta$")
         .replace("–", "--")
+        .replace("·", r"$\cdot$")
     )
 
 
 def render_tex(table: dict) -> str:
     avg, extra = table["avg_columns"], table["extra_columns"]
+    caption = "Knowledge distillation vs. pretraining from scratch under one compute budget; "
     lines = [
+        r"\begin{table}",
+        r"\centering",
+        r"\caption{" + _tex_escape(caption + setup_text(table.get("setup"))) + "}",
         r"\begin{tabular}{l r " + "r " * len(avg) + "r r" + " r" * len(extra) + "}",
         r"\toprule",
         " & ".join(
@@ -877,12 +977,12 @@ def render_tex(table: dict) -> str:
         r"\midrule",
     ]
     for row in table["rows"]:
-        cells = [_fmt_strategy(row), _fmt_tokens(row["tokens"])]
+        cells = [fmt_strategy(row), _fmt_tokens(row["tokens"])]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in avg]
         cells += [_fmt_avg(row), _fmt_delta(row)]
         cells += [_fmt_cell(row["cells"].get(c.key)) for c in extra]
         lines.append(" & ".join(_tex_escape(c) for c in cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     lines += ["% " + note.replace("\n", " ") for note in table_notes(table)]
     return "\n".join(lines) + "\n"
 
@@ -1021,7 +1121,8 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
         )
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, [c.title for c in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
-    ax.set_title("GLUE dev score per task and strategy")
+    setup = setup_text(table.get("setup"))
+    ax.set_title(f"GLUE dev score per task and strategy\n{setup}", fontsize=10)
     # beside the axes, not over the bars (inside, it hid the tallest ones)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     paths.append(plots / "glue_scores.png")
@@ -1044,7 +1145,7 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
         kd = [(e["budget_fraction"], e["val_loss"]) for e in evaluations if e.get("val_loss") is not None]
         if kd and row["strategy"] != "none":
             axes[1].plot([a for a, _ in kd], [b for _, b in kd], **style)
-    fig.suptitle("Validation loss against the fraction of the budget consumed")
+    fig.suptitle(f"Validation loss against the fraction of the budget consumed\n{setup}", fontsize=11)
     axes[0].set_title("MLM loss (students whose MLM head trains)")
     if untrained:
         axes[0].text(
@@ -1077,7 +1178,7 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     bars = ax.bar(labels, tokens, color=[colour[r["label"]] for r in rows])
     ax.bar_label(bars, fmt="%.2fM", fontsize=8)
     ax.set_ylabel("tokens processed (millions)")
-    ax.set_title("Tokens processed per strategy under the same budget")
+    ax.set_title(f"Tokens processed per strategy under the same budget\n{setup}", fontsize=8)
     ax.tick_params(axis="x", labelrotation=20)
     paths.append(plots / "tokens.png")
     _save_figure(fig, paths[-1])

@@ -136,6 +136,15 @@ def _direction(before: float, after: float) -> str:
     return "kd_stops_paying" if before > after else "kd_starts_paying"
 
 
+def observed_direction(deltas: Sequence[float], found: Sequence[Crossing]) -> str:
+    """The direction a crossover is sought in: that of the observed first crossing; when Δ never
+    changes sign, the one that can still happen: "kd_starts_paying" when KD is behind throughout
+    (every non-zero Δ < 0), else "kd_stops_paying" (KD ahead throughout, or Δ = 0 throughout)."""
+    if found:
+        return found[0].direction
+    return "kd_starts_paying" if any(float(d) < 0 for d in deltas) else "kd_stops_paying"
+
+
 def first_crossover(budgets: Sequence[float], deltas: Sequence[float]) -> float | None:
     """The smallest budget at which Δ crosses 0, or None."""
     found = crossings(budgets, deltas)
@@ -149,8 +158,9 @@ def crossover_with_interval(
 
     ``delta_samples``: shape (resamples, points), Δ of each bootstrap resample at every point (the
     same resampled dev examples at every point). The interval is of the crossover *in the observed
-    direction*: where KD stops paying (Δ from > 0 to < 0; also when Δ never changes sign), or where
-    it starts paying, if that is the observed first crossing. Each resample contributes its first
+    direction* (:func:`observed_direction`): that of the observed first crossing; when Δ never
+    changes sign, where KD starts paying if it is behind throughout, where it stops paying if it is
+    ahead throughout. Each resample contributes its first
     crossing in that direction; one without such a crossing lies beyond the range, on the side its
     Δ says: for "stops paying", above the largest budget when its Δ there is still > 0, else below
     the smallest; for "starts paying", below the smallest budget when its Δ there is already > 0,
@@ -162,7 +172,7 @@ def crossover_with_interval(
         raise BudgetKDError("bootstrap samples must have one column per budget")
     lo_b, hi_b = float(min(budgets)), float(max(budgets))
     observed = crossings(budgets, deltas)
-    direction = observed[0].direction if observed else "kd_stops_paying"
+    direction = observed_direction(deltas, observed)
 
     def log_crossover(row) -> float:
         found = [c for c in crossings(budgets, row) if c.direction == direction]

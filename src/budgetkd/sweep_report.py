@@ -10,6 +10,14 @@ Files written into the experiment directory::
     plots/delta_vs_budget.png    Δ of each KD strategy against the budget (log axis), intervals
     plots/avg_vs_budget.png      GLUE Avg against the budget, one line per strategy
     plots/crossover_vs_students.png  (teacher_cost amortized) the crossover against K
+    sweep.md                     the setup, Table 2 in brief at every point, Δ at every point, the
+                                 crossovers and the plots
+
+Every Δ names the tasks it is over. A point where a run stopped at the data limit (summary
+``stopped_by`` other than ``budget``; the KD student's or No-KD's) is marked ‡ in the tables and
+drawn hollow in the plots, and is left out of the crossover, which is interpolated between the
+remaining points (:func:`usable_crossover`). The teacher-cost mode, schedule and data setting
+(:func:`sweep_setup`) head sweep.md and every plot title.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import numpy as np
 
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_write_json, atomic_write_text, read_json
-from budgetkd.sweep import crossings, crossover_with_interval, no_crossover_text
+from budgetkd.sweep import crossings, crossover_with_interval, no_crossover_text, observed_direction
 
 UNITS = {
     "time": ("hours", 1 / 3600),
@@ -107,7 +115,7 @@ def crossover_summary(
         found = crossings(budgets, deltas)
         result = {
             "crossover": found[0].budget if found else None,
-            "direction": found[0].direction if found else "kd_stops_paying",
+            "direction": observed_direction(deltas, found),
             "low": None,
             "high": None,
         }
@@ -149,9 +157,12 @@ def plot_sweep(
     averages: dict,
     by_students: dict | None,
     avg_tasks: list[str] | None = None,
+    setup_line: str | None = None,
 ) -> list[Path]:
     """Δ against budget with intervals and crossovers; Avg against budget; crossover against K.
-    ``avg_tasks``: the column titles the Avg is over, named on the axes."""
+    ``avg_tasks``: the column titles the Avg is over, named on the axes; ``setup_line``: the
+    teacher-cost mode, schedule and data setting, added to every title. Data-limited points
+    (``curve["limited"]``, ``averages[…]["limited"]``) are drawn hollow, with a legend entry."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +191,10 @@ def plot_sweep(
             else "no crossover in range"
         )
         ax.plot(x, y, marker="o", color=colour, label=f"{curve['display']} ({note})")
+        limited = np.array(curve["limited"], dtype=bool)
+        _hollow(ax, x[limited], y[limited], colour)
+        if limited.any():  # the line the crossover is interpolated on: the ‡ points left out
+            ax.plot(x[~limited], y[~limited], linestyle="--", linewidth=1, color=colour)
         if np.isfinite(low).any():
             ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
         cross = curve["crossover"].get("crossover")
@@ -207,8 +222,12 @@ def plot_sweep(
     ax.set_ylabel(f"Δ GLUE Avg{over} vs No-KD (points)")
     ax.set_title(
         "Where KD stops paying: Δ against the budget\n"
-        "(bands: 95 % intervals of Δ; dotted: crossover; bars at the bottom: its 95 % interval)",
+        "(bands: 95 % intervals of Δ; dotted: crossover; bars at the bottom: its 95 % interval)"
+        + _setup_suffix(setup_line),
         fontsize=10,
+    )
+    _data_limit_legend_entry(
+        ax, any(any(c["limited"]) for c in curves.values()), " (dashed: Δ without them, the crossover's)"
     )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
@@ -225,11 +244,14 @@ def plot_sweep(
             color=colours[i % len(colours)],
             label=points["display"],
         )
+        limited = [(v[0] * scale, v[1]) for v in values if v[0] in points.get("limited", [])]
+        _hollow(ax, [a for a, _ in limited], [b for _, b in limited], colours[i % len(colours)])
     ax.set_xscale("log")
     _point_ticks(ax, [v[0] * scale for a in averages.values() for v in a["values"]])
     ax.set_xlabel(f"budget ({unit}, log scale)")
     ax.set_ylabel(f"GLUE Avg{over} (dev, points)")
-    ax.set_title("GLUE Avg against the pretraining budget", fontsize=10)
+    ax.set_title("GLUE Avg against the pretraining budget" + _setup_suffix(setup_line), fontsize=10)
+    _data_limit_legend_entry(ax, any(a.get("limited") for a in averages.values()))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     written.append(_save(fig, plots / "avg_vs_budget.png"))
@@ -246,12 +268,52 @@ def plot_sweep(
         ax.set_yscale("log")
         ax.set_xlabel("students sharing the teacher's pretraining (K, log scale)")
         ax.set_ylabel(f"crossover budget ({unit}, log scale)")
-        ax.set_title("Crossover budget against K (teacher_cost: amortized)", fontsize=10)
+        ax.set_title(
+            "Crossover budget against K (teacher_cost: amortized; ‡ points left out)"
+            + _setup_suffix(setup_line),
+            fontsize=10,
+        )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, plots / "crossover_vs_students.png"))
     return written
+
+
+def _setup_suffix(setup_line: str | None) -> str:
+    return f"\n{setup_line}" if setup_line else ""
+
+
+def _hollow(ax, xs, ys, colour) -> None:
+    """Data-limited points: white-filled markers over the line's filled ones."""
+    if len(xs):
+        ax.plot(
+            xs,
+            ys,
+            linestyle="none",
+            marker="o",
+            markersize=9,
+            markerfacecolor="white",
+            markeredgecolor=colour,
+            markeredgewidth=1.8,
+            zorder=3,
+        )
+
+
+def _data_limit_legend_entry(ax, any_limited: bool, more: str = "") -> None:
+    """A legend entry (a hollow black marker) for the data-limited points, when there are any."""
+    if any_limited:
+        ax.plot(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=9,
+            markerfacecolor="white",
+            markeredgecolor="black",
+            markeredgewidth=1.8,
+            label=DATA_LIMIT_LEGEND + more,
+        )
 
 
 def _point_ticks(ax, xs: list[float]) -> None:
@@ -290,6 +352,29 @@ def write_text(path: Path, text: str) -> Path:
 # -- the whole report -----------------------------------------------------------------------------
 STUDENT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+DATA_LIMIT_LEGEND = "‡ stopped at the data limit"
+DATA_LIMIT_NOTE = (
+    "‡ = a run stopped at the data limit before its budget was spent (at a point of Δ: the KD "
+    "student's or No-KD's). Such points are shown and marked, and left out of the crossover: it is "
+    "interpolated between the remaining points."
+)
+
+
+def sweep_setup(out: Path, sweep: dict) -> dict:
+    """:func:`budgetkd.report.read_setup`, completed from ``sweep.json`` where the directory's
+    config does not record the teacher-cost mode or the schedule."""
+    from budgetkd import report
+
+    setup = report.read_setup(out)
+    charge = sweep.get("teacher_cost") or {}
+    if setup["teacher_cost"] is None and charge.get("mode"):
+        setup["teacher_cost"] = charge["mode"]
+        setup["students"] = charge.get("students") if charge["mode"] == "amortized" else None
+    if setup["schedule"] is None and sweep.get("schedule"):
+        setup["schedule"] = sweep["schedule"]
+        setup["decay_fraction"] = sweep.get("decay_fraction") if sweep["schedule"] == "wsd" else None
+    return setup
+
 
 def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     """Every sweep file of a compare directory (module docstring); returns their paths."""
@@ -298,6 +383,8 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     out = Path(out)
     sweep = read_sweep(out)
     settings = settings or report.resolve_settings(out)
+    setup = sweep_setup(out, sweep)
+    setup_line = report.setup_text(setup)
     currency = sweep["currency"]
     students = sweep["students"]
     written: list[Path] = []
@@ -305,6 +392,7 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     curves: dict[str, dict] = {}
     averages: dict[str, dict] = {}
     sections = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
+    sections += [f"Setup: {setup_line}.", "", DATA_LIMIT_NOTE, ""]
     teacher_note = report.teacher_preparation_note(
         report.read_teacher_preparation(out), sweep.get("teacher_cost")
     )
@@ -316,7 +404,7 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
             )
             for sid in ids
         ]
-        data = {"rows": rows}
+        data = {"rows": rows, "setup": setup}
         table = report.build_table(data, settings)
         averaged.update(k for trow in table["rows"] for k in trow["avg_tasks"])
         budgets = report.budget_rows(data, sweep.get("teacher_cost"))
@@ -330,69 +418,58 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         sections += [f"## {tag}: {point:g} {currency}", ""]
         sections += _compact_table(table)
         base = next((r for r in rows if r["strategy"] == "none"), None)
+        base_limited = any(t["data_limited"] for t in table["rows"] if t["is_base"])
         boot = report.paired_bootstrap(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
         rng = np.random.default_rng(settings.bootstrap_seed)
         for row, trow in zip(rows, table["rows"]):
             label = students[row["label"]]["label"]
-            averages.setdefault(label, {"display": _display(trow), "values": []})
+            entry = averages.setdefault(label, {"display": _display(trow), "values": [], "limited": []})
             if trow["avg"] is not None:
-                averages[label]["values"].append((point, 100 * trow["avg"], students[row["label"]]["amount"]))
+                entry["values"].append((point, 100 * trow["avg"], students[row["label"]]["amount"]))
+                if trow["data_limited"]:
+                    entry["limited"].append(point)
             if base is None or row is base or trow["delta"] is None:
                 continue
             samples, kind = report.delta_samples(row, base, trow["delta_tasks"], boot, settings, rng)
-            curve = curves.setdefault(
-                label,
-                {
-                    "display": _display(trow),
-                    "budgets": [],
-                    "deltas": [],
-                    "low": [],
-                    "high": [],
-                    "samples": [],
-                    "kind": kind,
-                },
-            )
+            curve = curves.setdefault(label, _new_curve(_display(trow), kind))
             curve["budgets"].append(point)
             curve["deltas"].append(100 * trow["delta"])
             low, high = trow["delta_ci95"] or (None, None)
             curve["low"].append(None if low is None else 100 * low)
             curve["high"].append(None if high is None else 100 * high)
             curve["samples"].append(None if samples is None else 100 * np.asarray(samples))
+            curve["limited"].append(trow["data_limited"] or base_limited)
+            curve["tasks"].append(list(trow["delta_tasks"]))
     crossover = {}
     for label, curve in curves.items():
-        samples = curve.pop("samples")
-        matrix = None
-        if all(s is not None for s in samples) and len({len(s) for s in samples}) == 1:
-            matrix = np.stack(samples, axis=1)  # [resamples, points]: paired across points
-        curve["crossover"] = crossover_summary(curve["budgets"], curve["deltas"], matrix)
+        curve["crossover"] = usable_crossover(curve, curve.pop("samples"))
         crossover[label] = {
             "display": curve["display"],
             "currency": currency,
             "points": [
-                {"budget": b, "delta": d, "low": lo, "high": hi}
-                for b, d, lo, hi in zip(curve["budgets"], curve["deltas"], curve["low"], curve["high"])
+                {"budget": b, "delta": d, "low": lo, "high": hi, "data_limited": lim, "tasks": tasks}
+                for b, d, lo, hi, lim, tasks in zip(
+                    curve["budgets"],
+                    curve["deltas"],
+                    curve["low"],
+                    curve["high"],
+                    curve["limited"],
+                    curve["tasks"],
+                )
             ],
             "interval": curve["kind"],
             **curve["crossover"],
         }
-    by_students = None
-    charge = sweep.get("teacher_cost") or {}
-    if charge.get("mode") == "amortized" and "none" in {s["strategy"] for s in students.values()}:
-        key = {"time": "time_s", "flops": "flops"}[currency]
-        total = (charge.get("pretraining") or {}).get(key)
-        no_kd_label = next(s["label"] for s in students.values() if s["strategy"] == "none")
-        no_kd = [(b, a) for b, a, _ in sorted(averages.get(no_kd_label, {}).get("values", []))]
-        if total and len(no_kd) >= 2:
-            by_students = {}
-            for label in curves:
-                own = [(amount, a) for _, a, amount in sorted(averages[label]["values"])]
-                by_students[label] = crossover_vs_students(no_kd, own, total, list(STUDENT_COUNTS))
-                crossover[label]["by_students"] = by_students[label]
+    by_students = _by_students(sweep, students, currency, curves, averages)
+    for label, rows_k in (by_students or {}).items():
+        crossover[label]["by_students"] = rows_k
     written.append(write_json(out / "sweep" / "crossover.json", crossover))
     written.append(write_text(out / "sweep" / "long.csv", render_long_csv(long_rows(out, sweep))))
     avg_titles = [c.title for c in report.ALL_COLUMNS if c.key in averaged]
-    written += plot_sweep(out, currency, curves, averages, by_students, avg_titles)
-    sections += ["## Crossover (where Δ crosses 0, interpolated in log-budget)", ""]
+    written += plot_sweep(out, currency, curves, averages, by_students, avg_titles, setup_line)
+    sections += ["## Δ at every point (KD − No-KD, GLUE points)", ""]
+    sections += _delta_table(crossover, currency)
+    sections += ["## Crossover (where Δ crosses 0, interpolated in log-budget; ‡ points left out)", ""]
     for entry in crossover.values():
         sections.append(f"- {entry['display']}: {_crossover_text(entry, currency)}")
     sections += [
@@ -408,12 +485,72 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     return written
 
 
+def _new_curve(display: str, kind: str | None) -> dict:
+    """Δ of one KD strategy, point by point: budget, Δ, interval, bootstrap samples, whether the
+    point is data-limited (‡) and the tasks its Δ is over."""
+    keys = ("budgets", "deltas", "low", "high", "samples", "limited", "tasks")
+    return {"display": display, "kind": kind, **{k: [] for k in keys}}
+
+
+def usable_crossover(curve: dict, samples: list) -> dict:
+    """The crossover (:func:`crossover_summary`) over the points that are not data-limited: a ‡
+    point's Δ is not that of its budget, so it is left out of the interpolation. ``excluded``:
+    the budgets left out. Fewer than two points left: no crossover, and the text says why."""
+    keep = [i for i, limited in enumerate(curve["limited"]) if not limited]
+    excluded = [b for b, limited in zip(curve["budgets"], curve["limited"]) if limited]
+    budgets = [curve["budgets"][i] for i in keep]
+    deltas = [curve["deltas"][i] for i in keep]
+    if len(keep) < 2:
+        return {
+            "crossover": None,
+            "direction": observed_direction(deltas, []),
+            "low": None,
+            "high": None,
+            "excluded": excluded,
+            "text": f"no crossover computed: {len(keep)} point(s) not data-limited, 2 needed",
+        }
+    kept = [samples[i] for i in keep]
+    matrix = None
+    if all(s is not None for s in kept) and len({len(s) for s in kept}) == 1:
+        matrix = np.stack(kept, axis=1)  # [resamples, points]: paired across points
+    return {**crossover_summary(budgets, deltas, matrix), "excluded": excluded}
+
+
+def _by_students(sweep: dict, students: dict, currency: str, curves: dict, averages: dict) -> dict | None:
+    """The crossover against K (teacher_cost amortized), over the points that are not data-limited."""
+    charge = sweep.get("teacher_cost") or {}
+    if charge.get("mode") != "amortized" or "none" not in {s["strategy"] for s in students.values()}:
+        return None
+    key = {"time": "time_s", "flops": "flops"}[currency]
+    total = (charge.get("pretraining") or {}).get(key)
+    no_kd_label = next(s["label"] for s in students.values() if s["strategy"] == "none")
+    no_kd_avg = averages.get(no_kd_label, {"values": [], "limited": []})
+    no_kd = [(b, a) for b, a, _ in sorted(no_kd_avg["values"]) if b not in no_kd_avg["limited"]]
+    if not total or len(no_kd) < 2:
+        return None
+    by_students = {}
+    for label in curves:
+        entry = averages[label]
+        own = [(amount, a) for b, a, amount in sorted(entry["values"]) if b not in entry["limited"]]
+        by_students[label] = crossover_vs_students(no_kd, own, total, list(STUDENT_COUNTS))
+    return by_students
+
+
 def _display(trow: dict) -> str:
     return trow["display"].split(" (")[0]
 
 
+def _task_titles(keys) -> str:
+    from budgetkd.report import COLUMN_BY_KEY
+
+    return ", ".join(COLUMN_BY_KEY[k].title for k in keys) or "–"
+
+
 def _compact_table(table: dict) -> list[str]:
-    lines = ["| Strategy | Avg | Δ [95 % CI] |", "|---|---:|---:|"]
+    """Avg and Δ of every row at one point, ‡ on data-limited rows, the tasks of each Δ."""
+    from budgetkd.report import MARK_DATA_LIMIT, fmt_strategy
+
+    lines = ["| Strategy | Avg | Δ [95 % CI] | Δ over |", "|---|---:|---:|---|"]
     for row in table["rows"]:
         avg = "–" if row["avg"] is None else f"{100 * row['avg']:.1f}"
         if row["delta"] is None:
@@ -422,26 +559,54 @@ def _compact_table(table: dict) -> list[str]:
             delta = f"{100 * row['delta']:+.1f}"
             if row["delta_ci95"]:
                 delta += f" [{100 * row['delta_ci95'][0]:+.1f}, {100 * row['delta_ci95'][1]:+.1f}]"
-        lines.append(f"| {row['display']} | {avg} | {delta} |")
+        tasks = _task_titles(row["delta_tasks"]) if row["delta"] is not None else "–"
+        lines.append(f"| {fmt_strategy(row)} | {avg} | {delta} | {tasks} |")
+    notes = [
+        f"{MARK_DATA_LIMIT} {row['display']}: stopped by the {row['stopped_by']} before its budget was spent."
+        for row in table["rows"]
+        if row["data_limited"]
+    ]
+    return lines + [""] + [line for note in notes for line in (note, "")]
+
+
+def _budget_format(currency: str, budgets: list[float]):
+    unit, scale = axis_unit(currency, max(budgets, default=0.0))
+    return lambda v: f"{v * scale:.3g} {unit}"
+
+
+def _delta_table(crossover: dict, currency: str) -> list[str]:
+    """One line per (KD strategy, point): Δ with its interval, ‡ on data-limited points, its tasks."""
+    from budgetkd.report import MARK_DATA_LIMIT
+
+    fmt = _budget_format(currency, [p["budget"] for e in crossover.values() for p in e["points"]])
+    lines = ["| Strategy | Budget | Δ [95 % CI] | Δ over |", "|---|---:|---:|---|"]
+    for entry in crossover.values():
+        for p in entry["points"]:
+            budget = fmt(p["budget"]) + (f" {MARK_DATA_LIMIT}" if p["data_limited"] else "")
+            delta = f"{p['delta']:+.1f}"
+            if p["low"] is not None and p["high"] is not None:
+                delta += f" [{p['low']:+.1f}, {p['high']:+.1f}]"
+            lines.append(f"| {entry['display']} | {budget} | {delta} | {_task_titles(p['tasks'])} |")
     return lines + [""]
 
 
 def _crossover_text(entry: dict, currency: str) -> str:
     """``KD stops paying at 1.2e+13 FLOPs (95 % interval 8e+12 – open)``, or the no-crossover text
-    with how many resamples did cross inside the range."""
-    points = [p["budget"] for p in entry.get("points", [])]
-    unit, scale = axis_unit(currency, max(points, default=0.0))
-    fmt = lambda v: f"{v * scale:.3g} {unit}"  # noqa: E731
+    with how many resamples did cross inside the range; then the ‡ points left out, if any."""
+    fmt = _budget_format(currency, [p["budget"] for p in entry.get("points", [])])
+    excluded = entry.get("excluded") or []
+    left_out = f"; left out (‡, data limit): {', '.join(fmt(b) for b in excluded)}" if excluded else ""
     if entry.get("crossover") is None:
         text = entry.get("text", "no crossover in the swept range")
         share = entry.get("no_crossover_share")
         if share is not None and share < 1:
-            text += f"; {100 * (1 - share):.0f} % of the bootstrap resamples cross inside it"
-        return text
+            verb = "start" if entry.get("direction") == "kd_starts_paying" else "stop"
+            text += f"; in {100 * (1 - share):.0f} % of the bootstrap resamples KD {verb}s paying inside it"
+        return text + left_out
     verb = "starts" if entry.get("direction") == "kd_starts_paying" else "stops"
     text = f"KD {verb} paying at {fmt(entry['crossover'])}"
     if entry.get("low") is not None or entry.get("high") is not None or entry.get("resamples"):
         low = "open" if entry.get("low") is None else fmt(entry["low"])
         high = "open" if entry.get("high") is None else fmt(entry["high"])
         text += f" (95 % interval {low} – {high})"
-    return text
+    return text + left_out
