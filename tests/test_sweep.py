@@ -254,7 +254,7 @@ def test_wsd_refusals(make_config, tmp_path):
 
     with pytest.raises(BudgetKDError, match="need schedule: wsd"):
         pretrain(make_config(tmp_path / "a", snapshots=[1.0]))
-    with pytest.raises(BudgetKDError, match="schedule must be"):
+    with pytest.raises(BudgetKDError, match="schedule: must be .linear. or .wsd."):
         pretrain(make_config(tmp_path / "b", schedule="cosine"))
     with pytest.raises(BudgetKDError, match="inside the run's budget"):
         pretrain(make_config(tmp_path / "c", schedule="wsd", snapshots=[9.0]))
