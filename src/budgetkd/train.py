@@ -130,6 +130,39 @@ class TrainConfig:
         return {k: v for k, v in self.resolved().items() if k not in skip}
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse out-of-range options before anything is built: each check is one option's range
+    (the budget and strategy names are parsed before this; the WSD schedule is checked against
+    the budget after it, in ``Pretrainer.setup``)."""
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise BudgetKDError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
+    for name in ("batch_size", "num_evals", "eval_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise BudgetKDError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size <= 0:
+        raise BudgetKDError(f"micro-batch-size must be positive, got {cfg.micro_batch_size}")
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size > cfg.batch_size:
+        raise BudgetKDError(
+            f"micro-batch size {cfg.micro_batch_size} is larger than the batch size {cfg.batch_size}"
+        )
+    if cfg.max_epochs is not None and cfg.max_epochs <= 0:
+        raise BudgetKDError(f"max_epochs must be positive, got {cfg.max_epochs}")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise BudgetKDError(f"dropout must lie in [0, 1), got {cfg.dropout}")
+    for name in ("seed", "data_seed", "mask_seed"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise BudgetKDError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+    if not 0 <= cfg.warmup < 1:
+        raise BudgetKDError(f"warmup must lie in [0, 1), got {cfg.warmup}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise BudgetKDError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.schedule not in ("linear", "wsd"):
+        raise BudgetKDError(f"schedule must be linear or wsd, got {cfg.schedule!r}")
+    if cfg.schedule == "linear" and (cfg.snapshots or cfg.init_from):
+        raise BudgetKDError("snapshots and branches need schedule: wsd")
+
+
 class TrainModule(nn.Module):
     """What trains: the student plus the strategy's own parameters (projections). DDP wraps this."""
 
@@ -359,29 +392,7 @@ class Pretrainer:
         cfg = self.config
         self.budget = Budget.parse(cfg.budget)
         self.strategy_cls = get_strategy(cfg.strategy)
-        if cfg.on_nonfinite not in ("stop", "skip"):
-            raise BudgetKDError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
-        for name in ("batch_size", "num_evals", "eval_batch_size"):
-            if getattr(cfg, name) <= 0:
-                raise BudgetKDError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-        if cfg.micro_batch_size is not None and cfg.micro_batch_size <= 0:
-            raise BudgetKDError(f"micro-batch-size must be positive, got {cfg.micro_batch_size}")
-        if cfg.micro_batch_size is not None and cfg.micro_batch_size > cfg.batch_size:
-            raise BudgetKDError(
-                f"micro-batch size {cfg.micro_batch_size} is larger than the batch size {cfg.batch_size}"
-            )
-        if cfg.max_epochs is not None and cfg.max_epochs <= 0:
-            raise BudgetKDError(f"max_epochs must be positive, got {cfg.max_epochs}")
-        if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
-            raise BudgetKDError(f"dropout must lie in [0, 1), got {cfg.dropout}")
-        for name in ("seed", "data_seed", "mask_seed"):
-            value = getattr(cfg, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise BudgetKDError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
-        if not 0 <= cfg.warmup < 1:
-            raise BudgetKDError(f"warmup must lie in [0, 1), got {cfg.warmup}")
-        if cfg.lr is not None and not cfg.lr > 0:
-            raise BudgetKDError(f"learning rate must be positive, got {cfg.lr}")
+        check_train_config(cfg)
         self._check_schedule()
         if self.strategy_cls.needs_teacher and not cfg.teacher:
             raise BudgetKDError(f"strategy {cfg.strategy!r} needs a teacher: pass --teacher PATH_OR_HUB_ID")
@@ -551,11 +562,7 @@ class Pretrainer:
     # -- the schedule ---------------------------------------------------------------------------
     def _check_schedule(self) -> None:
         cfg = self.config
-        if cfg.schedule not in ("linear", "wsd"):
-            raise BudgetKDError(f"schedule must be linear or wsd, got {cfg.schedule!r}")
         if cfg.schedule == "linear":
-            if cfg.snapshots or cfg.init_from:
-                raise BudgetKDError("snapshots and branches need schedule: wsd")
             return
         check_decay_fraction(cfg.decay_fraction)
         self.schedule_point = float(cfg.schedule_point or self.budget.amount)
