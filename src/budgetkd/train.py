@@ -288,14 +288,7 @@ class Pretrainer:
                     [elapsed, teacher_s, since_checkpoint], self.device
                 )
                 self._skip_or_stop(finite, loss, step)
-                charge_step(
-                    self.meter,
-                    sequences=cfg.batch_size,
-                    tokens=self.batches.global_tokens(step),
-                    time_s=elapsed,
-                    time_teacher_s=teacher_s,
-                    step_flops=flops_of_step(n_pred),
-                )
+                self._charge(step, elapsed, teacher_s, flops_of_step(n_pred))
                 progress.update(self.meter)
                 if cfg.snapshots:
                     self._take_snapshots()
@@ -472,6 +465,18 @@ class Pretrainer:
         forward + backward (3×), the teacher's forward only."""
         return step_flops(
             self.strategy, self.student_shape, self.teacher_shape, self.seq_len, num_sequences, num_predicted
+        )
+
+    def _charge(self, step: int, elapsed: float, teacher_s: float, step_cost: tuple[float, float]) -> None:
+        """Charge step ``step`` to the meter (``accounting.charge_step``): the charge is the same
+        whether or not its update was applied — its time was spent."""
+        charge_step(
+            self.meter,
+            sequences=self.config.batch_size,
+            tokens=self.batches.global_tokens(step),
+            time_s=elapsed,
+            time_teacher_s=teacher_s,
+            step_flops=step_cost,
         )
 
     def _at_data_limit(self) -> bool:
