@@ -8,16 +8,26 @@ configuration trained)
 trainer_pad128   ``transformers.Trainer`` as ``run_glue.py`` uses it: every example padded to
                  128 tokens (``pad_to_max_length``), ``default_data_collator``
 trainer_dynamic  ``Trainer`` with ``DataCollatorWithPadding`` (pad per batch), the stronger anchor
-budgetkd         ``budgetkd.glue.finetune.fine_tune``: one configuration
-budgetkd_stacked ``budgetkd.glue.stacked.fine_tune_stacked``: ``--configs`` learning rates at once,
-                 examples/s = configs × examples × epochs / time
-budgetkd_grouped ``fine_tune`` with ``group_by_length`` (not the paper recipe; shown for scale)
+budgetkd         ``budgetkd.glue.finetune.fine_tune`` padded (``unpad=False``): one configuration
+budgetkd_stacked ``budgetkd.glue.stacked.fine_tune_stacked`` padded: ``--configs`` learning rates at
+                 once, examples/s = configs × examples × epochs / time
+budgetkd_grouped ``fine_tune`` padded with ``group_by_length`` (not the paper recipe; for scale)
+budgetkd_unpadded ``fine_tune`` unpadded (the default): the same batches packed into rows of
+                 ≤ 128 tokens, attention blocked per example
+budgetkd_stacked_unpadded ``fine_tune_stacked`` unpadded
 
 Every row trains ``--epochs`` over the same first ``--examples`` training examples (a fixed
 shuffle), AdamW, linear schedule with 6 % warm-up, weight decay 0.01, clipping 1.0; the time is the
 training loop only (Trainer: ``trainer.train()``; budgetkd: its ``train_seconds``). Rows run
 interleaved ``--repeats`` times (the machine may be shared); the median is reported, with the
 load average before and after.
+
+``--clock process`` reads the process's CPU seconds instead (``time.process_time``; the rows run
+one thread, so on a loaded machine this is the time the row was actually given): Trainer around
+``trainer.train()``, budgetkd around the whole ``fine_tune`` call (the classifier's load and the
+32-example dev pass included, against budgetkd). Every row records both clocks' samples
+(``wall_samples``, ``process_samples``); ``examples_per_s``, ``samples`` and the speed-ups use
+``--clock`` (``report["clock"]``).
 
 Grid (``--grid-ranks 4``): ``budgetkd glue`` on ``--grid-task`` with the paper grid (8
 configurations, ``--no-stack``), 1 process against ``torchrun --nproc_per_node N`` (gloo, one
@@ -84,7 +94,7 @@ def make_model(path: Path, vocab_dir: Path, layers: int, hidden: int) -> Path:
 def trainer_row(
     model_dir: Path, task, split, *, pad128: bool, batch_size: int, epochs: int, work: Path
 ) -> float:
-    """Seconds of ``trainer.train()``."""
+    """(wall, process CPU) seconds of ``trainer.train()``."""
     import datasets
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
 
@@ -115,9 +125,9 @@ def trainer_row(
     model = finetune.load_classifier(model_dir, task, tokenizer.pad_token_id)
     collator = default_data_collator if pad128 else DataCollatorWithPadding(tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def measure(args, task_name: str, model_dir: Path, work: Path) -> dict:
@@ -134,64 +144,69 @@ def measure(args, task_name: str, model_dir: Path, work: Path) -> dict:
     lrs = LEARNING_RATES[: args.configs]
     n = len(split) * args.epochs
 
-    def budgetkd(grouped=False):
-        return (
-            n
-            / finetune.fine_tune(
-                model_dir,
-                task,
-                tokenizer,
-                train,
-                dev,
-                learning_rate=lrs[0],
-                progress=False,
-                group_by_length=grouped,
-                **common,
-            ).train_seconds
+    def budgetkd(grouped=False, unpad=False):
+        cpu = time.process_time()
+        result = finetune.fine_tune(
+            model_dir,
+            task,
+            tokenizer,
+            train,
+            dev,
+            learning_rate=lrs[0],
+            progress=False,
+            group_by_length=grouped,
+            unpad=unpad,
+            **common,
         )
+        return n / result.train_seconds, n / (time.process_time() - cpu)
 
-    def stacked():
-        results = fine_tune_stacked(model_dir, task, tokenizer, train, dev, learning_rates=lrs, **common)
-        return len(lrs) * n / results[0].train_seconds
+    def stacked(unpad=False):
+        cpu = time.process_time()
+        results = fine_tune_stacked(
+            model_dir, task, tokenizer, train, dev, learning_rates=lrs, unpad=unpad, **common
+        )
+        return len(lrs) * n / results[0].train_seconds, len(lrs) * n / (time.process_time() - cpu)
+
+    def trainer(pad128):
+        wall, cpu = trainer_row(
+            model_dir, task, split, pad128=pad128, batch_size=args.batch_size, epochs=args.epochs, work=work
+        )
+        return n / wall, n / cpu
 
     rows = {
-        "trainer_pad128": lambda: (
-            n
-            / trainer_row(
-                model_dir, task, split, pad128=True, batch_size=args.batch_size, epochs=args.epochs, work=work
-            )
-        ),
-        "trainer_dynamic": lambda: (
-            n
-            / trainer_row(
-                model_dir,
-                task,
-                split,
-                pad128=False,
-                batch_size=args.batch_size,
-                epochs=args.epochs,
-                work=work,
-            )
-        ),
+        "trainer_pad128": lambda: trainer(True),
+        "trainer_dynamic": lambda: trainer(False),
         "budgetkd": budgetkd,
         "budgetkd_stacked": stacked,
         "budgetkd_grouped": lambda: budgetkd(grouped=True),
+        "budgetkd_unpadded": lambda: budgetkd(unpad=True),
+        "budgetkd_stacked_unpadded": lambda: stacked(unpad=True),
     }
     rows = {k: v for k, v in rows.items() if k in args.rows}
     samples: dict[str, list[float]] = {k: [] for k in rows}
+    clocks: dict[str, dict[str, list[float]]] = {k: {"wall": [], "process": []} for k in rows}
     for repeat in range(args.repeats):
         for name, fn in rows.items():  # interleaved: a load spike hits every row alike
-            value = fn()
+            wall, process = fn()
+            clocks[name]["wall"].append(wall)
+            clocks[name]["process"].append(process)
+            value = wall if args.clock == "wall" else process
             samples[name].append(value)
             print(
-                f"  {task_name} repeat {repeat + 1} {name}: {value:.1f} examples/s (load {load()})",
+                f"  {task_name} repeat {repeat + 1} {name}: {wall:.1f} examples/s wall, "
+                f"{process:.1f} per CPU second (load {load()})",
                 flush=True,
             )
     out = {}
     lengths = train.lengths()
     for name, values in samples.items():
         median = statistics.median(values)
-        row = {"examples_per_s": median, "samples": values}
+        row = {
+            "examples_per_s": median,
+            "samples": values,
+            "wall_samples": clocks[name]["wall"],
+            "process_samples": clocks[name]["process"],
+        }
         for anchor, key in (
             ("trainer_pad128", "speedup_vs_trainer_pad128"),
             ("trainer_dynamic", "speedup_vs_trainer_dynamic"),
@@ -283,7 +298,15 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--rows", default="trainer_pad128,trainer_dynamic,budgetkd,budgetkd_stacked,budgetkd_grouped"
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="what examples/s divides by: wall seconds, or the process's CPU seconds (a loaded machine)",
+    )
+    parser.add_argument(
+        "--rows",
+        default="trainer_pad128,trainer_dynamic,budgetkd,budgetkd_stacked,budgetkd_grouped,"
+        "budgetkd_unpadded,budgetkd_stacked_unpadded",
     )
     parser.add_argument("--grid-ranks", type=int, default=0, help="also time the grid with 1 vs N ranks")
     parser.add_argument("--grid-task", default="rte")
@@ -299,6 +322,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "configs": args.configs,
+        "clock": args.clock,
         "tasks": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -311,14 +335,14 @@ def main() -> int:
     report["load_after"] = load()
 
     print(
-        f"\nexamples/s per configuration trained ({args.layers} x {args.hidden}, batch {args.batch_size}, "
+        f"\nexamples/s ({args.clock} clock) per configuration trained ({args.layers} x {args.hidden}, batch {args.batch_size}, "
         f"{args.epochs} epoch(s), {args.threads} thread(s); load {report['load_before']} -> {report['load_after']})"
     )
-    print(f"{'task':6} {'row':18} {'examples/s':>11} {'vs pad128':>10} {'vs dynamic':>11}")
+    print(f"{'task':6} {'row':26} {'examples/s':>11} {'vs pad128':>10} {'vs dynamic':>11}")
     for task, result in report["tasks"].items():
         for name, row in result["rows"].items():
             print(
-                f"{task:6} {name:18} {row['examples_per_s']:11.1f} {row.get('speedup_vs_trainer_pad128', float('nan')):10.2f} "
+                f"{task:6} {name:26} {row['examples_per_s']:11.1f} {row.get('speedup_vs_trainer_pad128', float('nan')):10.2f} "
                 f"{row.get('speedup_vs_trainer_dynamic', float('nan')):11.2f}"
             )
     if "grid" in report:

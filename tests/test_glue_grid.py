@@ -192,7 +192,7 @@ def test_claims_respect_live_owners_and_take_over_dead_or_silent_ones(tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         job.claim_path.parent.mkdir(parents=True)
-        owner = {"host": me.host, "pid": alive.pid, "rank": 1, "token": "x"}
+        owner = {"host": me.host, "node": me.node, "pid": alive.pid, "rank": 1, "token": "x"}
         job.claim_path.write_text(json.dumps(owner))
         assert ledger.try_claim(job, me) is None  # a live owner that beats: respected
         assert ledger.try_claim(job, me, lease_s=-1.0) is not None  # silent past its lease: taken
@@ -206,6 +206,62 @@ def test_claims_respect_live_owners_and_take_over_dead_or_silent_ones(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_live_claim_from_another_pid_namespace_on_this_host_is_judged_by_its_heartbeat(tmp_path):
+    """Containers on one host name: their PIDs are not ours, so a dead-looking PID proves nothing."""
+    me = ledger.Worker.here(rank=0, world=2)
+    assert me.node.startswith(f"{me.host}/") and me.node == ledger.node_id()
+    job = _FakeJob(tmp_path, "b")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job.claim_path.parent.mkdir(parents=True)
+    boot, namespace = me.node.split("/", 1)[1].split("/", 1)
+    elsewhere = {"host": me.host, "pid": dead.pid, "rank": 1, "token": "x"}
+    for node in (f"{me.host}/{boot}/pid:[1]", f"{me.host}/another-boot/{namespace}", None):
+        owner = elsewhere if node is None else {**elsewhere, "node": node}  # None: an older claim
+        job.claim_path.write_text(json.dumps(owner))
+        assert ledger.try_claim(job, me) is None  # beating: respected although its PID is dead here
+        claim = ledger.try_claim(job, me, lease_s=-1.0)  # silent past its lease: taken
+        assert claim is not None and json.loads(job.claim_path.read_text())["node"] == me.node
+        claim.release()
+    job.claim_path.write_text(json.dumps({**elsewhere, "node": me.node}))
+    claim = ledger.try_claim(job, me)  # our own namespace and the PID is gone: taken at once
+    assert claim is not None
+    claim.release()
+
+
+def test_run_and_predictions_of_two_executions_never_pass_as_one_run(tmp_path):
+    """A job taken over while its first owner still ran: both write; whatever the interleaving, a
+    run file is only accepted with the predictions written with it."""
+    from budgetkd.glue.search import load_cached_run, load_run_predictions, predictions_path, save_run
+
+    path = tmp_path / "runs" / "rte" / "lr0.0001-bs16-seed1.json"
+    path.parent.mkdir(parents=True)
+
+    def execution(score):
+        record = {"fingerprint": "fp", "metrics": {"accuracy": score}}
+        return record, {"dev": {"labels": [0, 1], "predictions": [int(score > 0.5), 1]}}
+
+    first, second = execution(0.4), execution(0.9)
+    save_run(path, *first)
+    assert load_cached_run(path, "fp", need_predictions=True)["metrics"] == {"accuracy": 0.4}
+    assert load_run_predictions(path, "fp") == first[1]
+    # the second execution's predictions land, then the first's run file is written last
+    save_run(path, *second)
+    second_predictions = predictions_path(path).read_text()
+    save_run(path, *first)
+    predictions_path(path).write_text(second_predictions)
+    assert load_cached_run(path, "fp") is not None  # the metrics alone still read…
+    assert load_cached_run(path, "fp", need_predictions=True) is None  # …but the job is not done
+    assert load_run_predictions(path, "fp") is None  # and the report takes no mixed predictions
+    save_run(path, *second)  # the redo writes a consistent pair
+    record = load_cached_run(path, "fp", need_predictions=True)
+    assert record["metrics"] == {"accuracy": 0.9} and load_run_predictions(path, "fp") == second[1]
+    # run files from before the checksum stay readable
+    record.pop("predictions_sha256")
+    path.write_text(json.dumps(record))
+    assert load_cached_run(path, "fp", need_predictions=True) is not None
 
 
 def test_run_jobs_waits_for_a_job_claimed_elsewhere(tmp_path):

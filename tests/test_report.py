@@ -699,3 +699,49 @@ def test_a_malformed_teacher_cost_file_is_a_one_line_error(compare_dir: Path):
     (compare_dir / "teacher_cost.json").write_text("{not json")
     with pytest.raises(BudgetKDError, match="teacher cost"):
         write_report(compare_dir)
+
+
+def test_the_glue_plot_draws_the_table_s_intervals_as_error_bars(tmp_path: Path, monkeypatch):
+    """Per task: ± the seeds' sd (the table's cell); on each non-base Avg bar: Δ's paired-bootstrap
+    interval, Δ − low below and high − Δ above the Avg."""
+    import budgetkd.report as report
+
+    rows = {
+        "none": ("none", "No-KD", _predictions(1, 0.6, seeds=(1, 2))),
+        "vanilla": ("vanilla", "Vanilla-KD", _predictions(2, 0.75, seeds=(1, 2))),
+        "tinybert": ("tinybert", "TinyBERT", _predictions(3, 0.7, with_cola=False)),
+    }
+    out = _make_dir(tmp_path, rows)
+    figures = {}
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.setdefault(path.name, fig))
+    settings = ReportSettings(bootstrap_samples=100, bootstrap_seed=2)
+    write_report(out, bootstrap_samples=100, bootstrap_seed=2)
+    table = build_table(collect(out), settings)
+    ax = figures["glue_scores.png"].axes[0]
+    tasks = [c for c in table["columns"] if any(c.key in r["cells"] for r in table["rows"])]
+    from matplotlib.container import BarContainer
+
+    containers = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(containers) == len(table["rows"])
+    checked = 0
+    for row, bars in zip(table["rows"], containers):
+        segments = bars.errorbar.lines[2][0].get_segments()  # one vertical segment per bar
+        assert len(segments) == len(tasks) + 1
+        for column, segment, patch in zip(tasks, segments, bars.patches):
+            cell = row["cells"].get(column.key)
+            if cell is None:
+                continue
+            sd = 100 * (cell["std"] or 0)
+            assert segment[0][1] == pytest.approx(100 * cell["mean"] - sd)
+            assert segment[1][1] == pytest.approx(100 * cell["mean"] + sd)
+            assert patch.get_height() == pytest.approx(100 * cell["mean"])
+        low, high = segments[-1][0][1], segments[-1][1][1]
+        if row["is_base"]:
+            assert low == high == pytest.approx(100 * row["avg"])
+            continue
+        interval_low, interval_high = row["delta_ci95"]
+        assert low == pytest.approx(100 * (row["avg"] - row["delta"] + interval_low))
+        assert high == pytest.approx(100 * (row["avg"] - row["delta"] + interval_high))
+        assert low < 100 * row["avg"] < high
+        checked += 1
+    assert checked == 2

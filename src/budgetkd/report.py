@@ -1106,23 +1106,39 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * (len(tasks) + 1)), 4))
     width = 0.8 / max(1, len(rows))
     positions = np.arange(len(tasks) + 1)
+    # Error bars: a task's ± standard deviation over fine-tuning seeds (the table's "± sd"); on the
+    # Avg bar of every non-base row, the table's 95 % paired-bootstrap interval of its Δ, drawn
+    # as the distances Δ − low below and high − Δ above the Avg (the interval of the row's Avg
+    # with the No-KD row's held fixed).
     for i, row in enumerate(rows):
         values = [100 * row["cells"][c.key]["mean"] if c.key in row["cells"] else np.nan for c in tasks]
-        errors = [100 * (row["cells"][c.key]["std"] or 0) if c.key in row["cells"] else 0 for c in tasks]
+        spread = [100 * (row["cells"][c.key]["std"] or 0) if c.key in row["cells"] else 0 for c in tasks]
+        below, above = list(spread), list(spread)
         values.append(np.nan if row["avg"] is None else 100 * row["avg"])
-        errors.append(0)
+        if row["avg"] is not None and row["delta"] is not None and row["delta_ci95"] is not None:
+            low, high = row["delta_ci95"]
+            below.append(100 * (row["delta"] - low))
+            above.append(100 * (high - row["delta"]))
+        else:
+            below.append(0)
+            above.append(0)
         ax.bar(
             positions + i * width,
             values,
             width,
-            yerr=errors,
+            yerr=[below, above],
+            capsize=2,
             label=row["display"],
             color=colour[row["label"]],
         )
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, [c.title for c in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
     setup = setup_text(table.get("setup"))
-    ax.set_title(f"GLUE dev score per task and strategy\n{setup}", fontsize=10)
+    ax.set_title(
+        "GLUE dev score per task and strategy (bars: ± sd over seeds; Avg: 95 % paired-bootstrap "
+        f"interval of Δ)\n{setup}",
+        fontsize=9,
+    )
     # beside the axes, not over the bars (inside, it hid the tallest ones)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     paths.append(plots / "glue_scores.png")

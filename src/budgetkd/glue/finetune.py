@@ -7,7 +7,10 @@ The recipe, identical for every model (no per-model cases):
   the classifier head is seeded; the pretrained weights are the only thing that differs between
   models.
 - Inputs: the model's own tokenizer, sentence pairs truncated ``longest_first`` to 128 tokens,
-  padded per batch to the longest sequence (the equivalent of ``DataCollatorWithPadding``).
+  padded per batch to the longest sequence (the equivalent of ``DataCollatorWithPadding``) or,
+  by default, the same batch *unpadded*: its examples packed into rows of ≤ 128 tokens with
+  attention blocked per example (:class:`PackedClassifier`; same logits, loss and gradients up to
+  float summation order; BERT classifiers, others run padded).
 - AdamW (β = (0.9, 0.999), ε = 1e-8, the ``transformers`` defaults), weight decay 0.01 on every
   parameter except biases and normalisation-layer weights; gradient norm clipped to 1.0.
 - Learning rate: linear warm-up over the first ⌈0.06·T⌉ steps to the peak, linear decay to 0 at
@@ -25,6 +28,7 @@ This module never writes files; :mod:`budgetkd.glue.pipeline` owns the side effe
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -205,6 +209,54 @@ class EncodedSplit:
         batch["labels"] = torch.from_numpy(self.labels[indices])
         return batch
 
+    def pack(self, indices: list[int] | np.ndarray, capacity: int) -> dict[str, torch.Tensor]:
+        """The examples at ``indices`` packed into rows of at most ``capacity`` tokens (first fit,
+        longest first), for :class:`PackedClassifier`: the same batch as :meth:`collate`, without
+        its padding.
+
+        Keys: every input array (``input_ids``, ``token_type_ids`` … per token, as the example has
+        them; the rows' tails hold the pad values), ``position_ids`` (0, 1, … restarting at each
+        example), ``segments`` ([R, W]: the batch position of the example a token belongs to, −1
+        on a row's tail), ``cls_index`` ([B]: example b's first token in the flattened [R·W]
+        rows, in the order of ``indices``) and ``labels``. The attention mask is built from
+        ``segments`` on the device (:func:`block_diagonal_mask`)."""
+        indices = np.asarray(indices)
+        starts, ends = self.offsets[indices], self.offsets[indices + 1]
+        lengths = ends - starts
+        capacity = max(int(capacity), int(lengths.max()))
+        fills: list[int] = []
+        row_of = np.empty(len(indices), dtype=np.int64)
+        column_of = np.empty(len(indices), dtype=np.int64)
+        for example in np.argsort(-lengths, kind="stable"):
+            need = int(lengths[example])
+            row = next((r for r, fill in enumerate(fills) if fill + need <= capacity), len(fills))
+            if row == len(fills):
+                fills.append(0)
+            row_of[example], column_of[example] = row, fills[row]
+            fills[row] += need
+        rows, width = len(fills), max(fills)
+        # flat destination of every token: row · W + column + position within the example
+        token_positions = np.concatenate([np.arange(n) for n in lengths])
+        example_of_token = np.repeat(np.arange(len(indices)), lengths)
+        destination = (row_of * width + column_of)[example_of_token] + token_positions
+        source = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+        batch: dict[str, torch.Tensor] = {}
+        for key, values in self.arrays.items():
+            if key == "attention_mask":
+                continue
+            out = np.full(rows * width, self.pad_values.get(key, 0), dtype=np.int64)
+            out[destination] = values[source]
+            batch[key] = torch.from_numpy(out.reshape(rows, width))
+        positions = np.zeros(rows * width, dtype=np.int64)
+        positions[destination] = token_positions
+        segments = np.full(rows * width, -1, dtype=np.int64)
+        segments[destination] = example_of_token
+        batch["position_ids"] = torch.from_numpy(positions.reshape(rows, width))
+        batch["segments"] = torch.from_numpy(segments.reshape(rows, width))
+        batch["cls_index"] = torch.from_numpy(row_of * width + column_of)
+        batch["labels"] = torch.from_numpy(self.labels[indices])
+        return batch
+
 
 def encode_split(
     tokenizer, split: GlueSplit, task: GlueTask, max_length: int, chunk: int = 8192
@@ -238,6 +290,98 @@ def encode_split(
         pad_values=pad_values,
         padding_side=getattr(tokenizer, "padding_side", "right") or "right",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# unpadded (packed) batches
+
+
+def packing_supported(model: torch.nn.Module) -> bool:
+    """Whether :class:`PackedClassifier` computes ``model``'s own function: a BERT sequence
+    classifier (``BertForSequenceClassification``: absolute position embeddings, [CLS] pooler,
+    dropout, linear head) with SDPA or eager attention, single-label or regression. Other models
+    train padded."""
+    config = getattr(model, "config", None)
+    return (
+        type(model).__name__ == "BertForSequenceClassification"
+        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        and getattr(config, "problem_type", None) in ("regression", "single_label_classification")
+    )
+
+
+def packing_applies(model_dir: str | Path) -> bool:
+    """Whether the classifier loaded from ``model_dir`` will take the packed path: a BERT
+    (``model_type`` "bert" in config.json; see :func:`packing_supported`)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "bert"
+
+
+def block_diagonal_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask of packed rows, ``[R, 1, W, W]``: token i may attend to token j of its row
+    iff both belong to the same example (``segments`` equal); a row's tail (−1) attends to itself
+    only, so no softmax row is empty. Boolean (True = attend) for SDPA, additive (0 / dtype min)
+    for eager attention, which adds the mask to the scores."""
+    allowed = (segments.unsqueeze(-1) == segments.unsqueeze(-2)).unsqueeze(1)
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``BertForSequenceClassification``'s loss, verbatim: MSE of the squeezed scores (regression),
+    else cross-entropy; both the mean over the batch's examples."""
+    if config.problem_type == "regression":
+        return torch.nn.functional.mse_loss(logits.squeeze(), labels.squeeze())
+    return torch.nn.functional.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+
+
+class PackedClassifier(torch.nn.Module):
+    """A BERT sequence classifier applied to a batch packed by :meth:`EncodedSplit.pack`: the same
+    function of each example as the padded batch, without computing the padding.
+
+    The encoder runs on the packed rows with :func:`block_diagonal_mask` (attention never crosses
+    an example), positions restarting at each example and each token's own token type, so every
+    real token's hidden state is the one it has in the padded batch (a padded example's pad tokens
+    are masked keys there: they change nothing either). The pooler, dropout and head read each
+    example's own [CLS] (``cls_index``), in batch order, so logits are ``[B, C]`` as padded, and
+    the loss is the model's own (:func:`sequence_classification_loss`, mean over examples)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, segments, cls_index, token_type_ids=None, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        model = self.model
+        base = model.bert
+        mask = block_diagonal_mask(
+            segments, model.config._attn_implementation, base.embeddings.word_embeddings.weight.dtype
+        )
+        hidden = base(
+            input_ids=input_ids,
+            attention_mask=mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            return_dict=True,
+        ).last_hidden_state
+        first = hidden.flatten(0, 1).index_select(0, cls_index)  # [B, D], example order
+        logits = model.classifier(model.dropout(base.pooler(first.unsqueeze(1))))
+        loss = None if labels is None else sequence_classification_loss(model.config, logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def batch_maker(split: EncodedSplit, packed: bool, max_length: int):
+    """``indices -> batch``: :meth:`EncodedSplit.pack` (rows of ``max_length`` tokens) or
+    :meth:`EncodedSplit.collate`."""
+    if packed:
+        return lambda indices: split.pack(indices, max_length)
+    return split.collate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +428,7 @@ class FineTuneResult:
     eval_seconds: float
     epoch_losses: list[float | None] = field(default_factory=list)  # mean training loss per epoch
     step_losses: list[float] = field(default_factory=list)  # every step's loss (not stored)
+    unpadded: bool = False  # trained and evaluated on packed batches (PackedClassifier)
 
 
 # Window of HF's LengthGroupedSampler: sort 50 batches' worth of the shuffle at a time.
@@ -330,14 +475,26 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.inference_mode()
-def predict(model, split: EncodedSplit, task: GlueTask, *, batch_size: int, device, precision: str) -> list:
-    """Predictions in example order; batches sorted by length to waste little on padding."""
+def predict(
+    model,
+    split: EncodedSplit,
+    task: GlueTask,
+    *,
+    batch_size: int,
+    device,
+    precision: str,
+    packed: bool = False,
+    max_length: int = 128,
+) -> list:
+    """Predictions in example order; batches sorted by length to waste little on padding.
+    ``packed``: ``model`` is a :class:`PackedClassifier` and the batches are packed."""
     model.eval()
     order = np.argsort(split.lengths(), kind="stable")
     out = np.zeros(len(split), dtype=np.float64 if task.is_regression else np.int64)
+    make_batch = batch_maker(split, packed, max_length)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in split.collate(indices).items() if k != "labels"}
+        batch = {k: v.to(device) for k, v in make_batch(indices).items() if k != "labels"}
         with _autocast(device, precision):
             logits = model(**batch).logits
         logits = logits.float().cpu()
@@ -365,14 +522,21 @@ def fine_tune(
     description: str = "",
     group_by_length: bool = False,
     on_step=None,
+    unpad: bool = True,
 ) -> FineTuneResult:
     """Train one configuration for ``recipe.epochs`` epochs and evaluate on every dev split.
 
+    ``unpad``: train and evaluate on packed batches (:class:`PackedClassifier`; the same batches,
+    order, loss and steps as padded) where the model supports it (:func:`packing_supported`),
+    padded otherwise; ``result.unpadded`` says which ran.
     ``on_step(done, total)`` is called after every optimizer step (progress reporting)."""
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
     model = load_classifier(model_dir, task, tokenizer.pad_token_id).to(device)
+    packed = unpad and packing_supported(model)
+    net = PackedClassifier(model) if packed else model
+    make_batch = batch_maker(train, packed, recipe.max_length)
     optimizer = make_optimizer(model, recipe, learning_rate)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = recipe.epochs * steps_per_epoch
@@ -391,9 +555,9 @@ def fine_tune(
         for _epoch in range(recipe.epochs):
             loss_sum, loss_count = 0.0, 0
             for indices in epoch_batches(len(train), batch_size, generator, lengths, group_by_length):
-                batch = {k: v.to(device) for k, v in train.collate(indices).items()}
+                batch = {k: v.to(device) for k, v in make_batch(indices).items()}
                 with _autocast(device, precision):
-                    loss = model(**batch).loss
+                    loss = net(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
                 optimizer.step()
@@ -420,15 +584,23 @@ def fine_tune(
     suffixes = {s.name: s.metric_suffix for s in task.dev_splits}
     for name, split in dev.items():
         predictions[name] = predict(
-            model, split, task, batch_size=recipe.eval_batch_size, device=device, precision=precision
+            net,
+            split,
+            task,
+            batch_size=recipe.eval_batch_size,
+            device=device,
+            precision=precision,
+            packed=packed,
+            max_length=recipe.max_length,
         )
         labels[name] = split.labels.tolist()
         metrics.update(compute_metrics(task, labels[name], predictions[name], suffixes[name]))
     eval_seconds = time.perf_counter() - started
     if final_loss is not None and not math.isfinite(final_loss):
         final_loss = None
-    del model, optimizer
+    del model, net, optimizer
     return FineTuneResult(
+        unpadded=packed,
         metrics=metrics,
         predictions=predictions,
         labels=labels,

@@ -9,13 +9,15 @@ Every rank runs :func:`run_jobs` over the same job list, sorted longest first (t
 epochs × members, so MNLI and QQP start first and no rank finishes hours after the others), and
 takes the first job that is neither done nor claimed:
 
-- **claim**: ``claims/<task>/<job>.json`` = ``{host, pid, rank, token, claimed_at}``, written
+- **claim**: ``claims/<task>/<job>.json`` = ``{host, node, pid, rank, token, claimed_at}``, written
   atomically while holding a POSIX lock (``fcntl.lockf``, which NFS supports) on
   ``claims/.lock``; the done-check and the claim happen under the same lock, so a job is never
   started twice by live ranks;
 - **heartbeat**: a thread of the owner touches the claim's mtime every ``heartbeat_s``;
-- **stale claim**: its owner's process is gone (same host: ``kill(pid, 0)`` fails) or its
-  heartbeat is older than ``lease_s`` measured on the file system's own clock (a probe file is
+- **stale claim**: its owner's process is gone (same *node*, :func:`node_id`: host name, kernel
+  boot id and PID namespace, so a container that shares the host name but not the PIDs never
+  reads another's live claim as dead; there ``kill(pid, 0)`` fails) or its heartbeat is older
+  than ``lease_s`` measured on the file system's own clock (a probe file is
   touched and its mtime read, so the clocks of several nodes never meet); a stale claim is
   replaced, and the job redone from the start (a job writes its run files only when it
   finished, so a dead rank loses its work in flight, never a result, and never leaves half a
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -68,16 +71,32 @@ class Job(Protocol):
     def measured_seconds(self) -> float | None: ...
 
 
+def node_id() -> str:
+    """Where a PID means this process's PID: ``host/boot id/PID namespace``. Two containers on one
+    host name share the boot id (one kernel) but not the PID namespace; two machines cloned with
+    one host name differ in boot id. Parts that cannot be read (not Linux) are left empty."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
 @dataclass(frozen=True)
 class Worker:
     host: str
     pid: int
     rank: int
     world: int
+    node: str = ""  # node_id(): the PID namespace ``pid`` lives in
 
     @classmethod
     def here(cls, rank: int, world: int) -> Worker:
-        return cls(socket.gethostname(), os.getpid(), rank, world)
+        return cls(socket.gethostname(), os.getpid(), rank, world, node_id())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +116,8 @@ def _claims_lock(claims_root: Path) -> Iterator[None]:
 
 def fs_now(directory: Path, worker: Worker) -> float:
     """The file system's clock: touch a probe file in ``directory`` and read its mtime."""
-    probe = directory / f".clock-{worker.host}-{worker.pid}"
+    namespace = hashlib.sha256(worker.node.encode()).hexdigest()[:8]
+    probe = directory / f".clock-{worker.host}-{namespace}-{worker.pid}"
     probe.touch()
     os.utime(probe, None)
     return probe.stat().st_mtime
@@ -122,10 +142,12 @@ def read_claim(path: Path) -> dict | None:
 
 
 def claim_is_stale(path: Path, claim: dict | None, worker: Worker, lease_s: float) -> bool:
-    """Dead owner on this host, unreadable claim, or no heartbeat for ``lease_s`` (FS clock)."""
+    """Dead owner in this PID namespace (same :func:`node_id`), unreadable claim, or no heartbeat
+    for ``lease_s`` (FS clock). A claim of another node, or without a node (older claims), is
+    judged by its heartbeat only: its PID means nothing here."""
     if claim is None:
         return True
-    if claim.get("host") == worker.host:
+    if worker.node and claim.get("node") == worker.node:
         pid = claim.get("pid")
         if not isinstance(pid, int) or not pid_alive(pid):
             return True
@@ -185,6 +207,7 @@ def try_claim(
         token = uuid.uuid4().hex
         record = {
             "host": worker.host,
+            "node": worker.node,
             "pid": worker.pid,
             "rank": worker.rank,
             "token": token,

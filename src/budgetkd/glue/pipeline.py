@@ -183,6 +183,7 @@ class GluePlan:
     stack: bool
     group_by_length: bool
     label: str = ""
+    unpad: bool = True  # packed (unpadded) batches; False where the model has no packed path
     _splits: dict = field(default_factory=dict, repr=False)
 
     def splits(self, task: GlueTask):
@@ -218,6 +219,8 @@ class GluePlan:
         }
         if self.group_by_length:  # absent when off: the paper recipe
             inputs["group_by_length"] = True
+        if self.unpad:  # absent when padded: padded runs cached before unpadding stay valid
+            inputs["unpad"] = True
         return inputs
 
     def jobs(self) -> list[GlueJob]:
@@ -283,6 +286,7 @@ class GlueJob:
             precision=plan.precision,
             group_by_length=plan.group_by_length,
             on_step=on_step,
+            unpad=plan.unpad,
         )
         if self.members == 1:
             results = [
@@ -334,6 +338,7 @@ class GlueJob:
                 "eval_seconds": round(result.eval_seconds, 3),
                 "stacked_with": list(self.lrs) if self.members > 1 else None,
                 "group_by_length": plan.group_by_length,
+                "unpadded": result.unpadded,
                 "device": device.type,
                 "cpu_threads": threads,
                 "precision": plan.precision,
@@ -383,6 +388,7 @@ def plan_glue(
     threads: int | None = None,
     stack: bool | str | None = None,
     group_by_length: bool = False,
+    unpad: bool = True,
     label: str = "",
     lock: contextlib.ExitStack | None = None,
 ) -> GluePlan:
@@ -442,6 +448,7 @@ def plan_glue(
         stack=resolve_stack(stack, torch_device),
         group_by_length=bool(group_by_length),
         label=label,
+        unpad=bool(unpad) and finetune.packing_applies(model_path),
     )
 
 
@@ -492,6 +499,7 @@ def finish_glue(plan: GluePlan) -> dict:
             "cpu_threads": plan.threads,
             "stacked": plan.stack,
             "group_by_length": plan.group_by_length,
+            "unpad": plan.unpad,
         },
         "grid": plan.grid.as_dict(),
         "seeds": list(plan.seeds),
@@ -524,6 +532,7 @@ def run_glue(
     threads: int | None = None,
     stack: bool | str | None = None,
     group_by_length: bool = False,
+    unpad: bool = True,
     progress: bool = True,
 ) -> dict | None:
     """Fine-tune ``model_dir`` on the GLUE ``tasks`` over ``grid`` × ``seeds``; return glue.json
@@ -537,7 +546,7 @@ def run_glue(
           "recipe": {epochs, max_length, weight_decay, warmup_proportion, adam_betas, adam_epsilon,
                      max_grad_norm, eval_batch_size, version, "precision": "fp32" | "bf16",
                      "device": "cpu" | "cuda", "cpu_threads": n | null, "stacked": bool,
-                     "group_by_length": bool},
+                     "group_by_length": bool, "unpad": bool},
           "grid": {"learning_rates": [...], "batch_sizes": [...]}, "seeds": [...], "epochs": 5,
           "max_train_examples": null | N, "max_eval_examples": null | N,
           "tasks": {
@@ -559,6 +568,8 @@ def run_glue(
     ``threads``: CPU threads per job (default 1, whatever the number of ranks). ``stack``: train
     the learning rates of a (task, batch size, seed) together (None = auto: on CUDA).
     ``group_by_length``: length-grouped training batches (changes the recipe; off by default).
+    ``unpad``: packed batches without padding, training and evaluation (the same batches, loss
+    and steps; BERT classifiers; others run padded); False = padded batches.
 
     Values are fractions ([0, 1], correlations [-1, 1]). The task score is the main metric, except
     STS-B (mean of Pearson and Spearman); MNLI's is the matched accuracy.
@@ -583,6 +594,7 @@ def run_glue(
             threads=threads,
             stack=stack,
             group_by_length=group_by_length,
+            unpad=unpad,
             progress=progress,
         )
 

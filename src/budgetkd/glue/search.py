@@ -14,6 +14,7 @@ metrics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -144,28 +145,47 @@ def predictions_path(run_file: Path) -> Path:
 
 def load_cached_run(path: Path, fingerprint: str, *, need_predictions: bool = False) -> dict | None:
     """The stored run if it finished with this ``fingerprint`` (and has its predictions file when
-    needed); None means "run it (again)". An unreadable or foreign file is simply recomputed."""
+    needed, the one written with it); None means "run it (again)". An unreadable or foreign file
+    is simply recomputed."""
     record = _read_json_or_none(path)
     if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
         return None
     if not isinstance(record.get("metrics"), dict):
         return None
-    if need_predictions and load_run_predictions(path, fingerprint) is None:
+    if need_predictions and load_run_predictions(path, fingerprint, record) is None:
         return None
     return record
 
 
-def load_run_predictions(path: Path, fingerprint: str) -> dict | None:
-    stored = _read_json_or_none(predictions_path(path))
+def load_run_predictions(path: Path, fingerprint: str, record: dict | None = None) -> dict | None:
+    """The dev predictions stored beside the run file ``path``, or None when missing, foreign or
+    not the ones written with the run file: a run file records the sha256 of its predictions
+    file (:func:`save_run`), so metrics and predictions of two executions of one job (a claim
+    taken over while its owner still ran) never pass as one run. Run files from before the
+    checksum are taken as they are."""
+    try:
+        data = predictions_path(path).read_bytes()
+        stored = json.loads(data)
+    except (OSError, ValueError):
+        return None
     if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint:
+        return None
+    if record is None:
+        record = _read_json_or_none(path)
+    expected = record.get("predictions_sha256") if isinstance(record, dict) else None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         return None
     return stored.get("splits")
 
 
 def save_run(path: Path, record: dict, predictions: dict[str, dict[str, list]]) -> None:
-    """Predictions first, then the run file: the run file is the "finished" marker."""
+    """Predictions first, then the run file, which records their sha256 and is the "finished"
+    marker: the pair is one unit (:func:`load_run_predictions` refuses a run file whose
+    predictions file was since replaced by another execution's)."""
     payload = {"fingerprint": record["fingerprint"], "splits": predictions}
-    atomic_write_text(predictions_path(path), json.dumps(payload, separators=(",", ":")) + "\n")
+    text = json.dumps(payload, separators=(",", ":")) + "\n"
+    record = {**record, "predictions_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    atomic_write_text(predictions_path(path), text)
     atomic_write_json(path, record)
 
 

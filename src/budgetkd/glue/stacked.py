@@ -43,10 +43,13 @@ import torch
 from budgetkd.glue.finetune import (
     EncodedSplit,
     FineTuneResult,
+    PackedClassifier,
     Recipe,
     _autocast,
+    batch_maker,
     epoch_batches,
     load_classifier,
+    packing_supported,
     parameter_groups,
     schedule_factor,
 )
@@ -59,9 +62,12 @@ class StackedModel:
     their gradients as views of one ``[K, N]`` gradient tensor (backward accumulates into them
     in place), so clipping and AdamW are whole-tensor operations."""
 
-    def __init__(self, model: torch.nn.Module, k: int, weight_decay: float):
+    def __init__(self, model: torch.nn.Module, k: int, weight_decay: float, packed: bool = False):
         self.model = model
         self.k = k
+        # packed batches: the same parameters called through PackedClassifier (names "model.…")
+        self.packed = packed
+        self.packed_module = PackedClassifier(model) if packed else None
         decay_group, plain_group = parameter_groups(model, weight_decay)
         names = {id(p): n for n, p in model.named_parameters()}
         # Decayed parameters first: member k's decayed ones are then the contiguous row slice
@@ -97,10 +103,15 @@ class StackedModel:
                 raise RuntimeError(f"the gradient of {name} was not accumulated in place")
 
     def forward(self, batch: dict[str, torch.Tensor], randomness: str = "different"):
-        """Every member's output for the same ``batch``: ``(loss [K], logits [K, B, C])``."""
+        """Every member's output for the same ``batch`` (padded, or packed when ``self.packed``):
+        ``(loss [K], logits [K, B, C])``."""
         from torch.func import functional_call, vmap
 
-        model, buffers = self.model, self.buffers
+        model, buffers, params = self.model, self.buffers, self.params
+        if self.packed:
+            model = self.packed_module
+            buffers = {f"model.{n}": b for n, b in buffers.items()}
+            params = {f"model.{n}": p for n, p in params.items()}
 
         def one(params, inputs):
             out = functional_call(model, (params, buffers), args=(), kwargs=inputs)
@@ -108,7 +119,7 @@ class StackedModel:
             return loss, out.logits
 
         with _attention_backend(self.flat.device):
-            return vmap(one, in_dims=(0, None), randomness=randomness)(self.params, batch)
+            return vmap(one, in_dims=(0, None), randomness=randomness)(params, batch)
 
 
 def _attention_backend(device: torch.device):
@@ -174,16 +185,24 @@ def clip_members(stacked: StackedModel, max_norm: float) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_stacked(
-    stacked: StackedModel, split: EncodedSplit, task: GlueTask, *, batch_size, device, precision
+    stacked: StackedModel,
+    split: EncodedSplit,
+    task: GlueTask,
+    *,
+    batch_size,
+    device,
+    precision,
+    max_length=128,
 ):
     """Every member's predictions in example order (batches sorted by length, as ``predict``)."""
     stacked.model.eval()
+    make_batch = batch_maker(split, stacked.packed, max_length)
     order = np.argsort(split.lengths(), kind="stable")
     k = stacked.k
     out = np.zeros((k, len(split)), dtype=np.float64 if task.is_regression else np.int64)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = {kk: v.to(device) for kk, v in split.collate(indices).items() if kk != "labels"}
+        batch = {kk: v.to(device) for kk, v in make_batch(indices).items() if kk != "labels"}
         with _autocast(device, precision):
             _, logits = stacked.forward(batch, randomness="error")
         logits = logits.float().cpu()
@@ -209,14 +228,18 @@ def fine_tune_stacked(
     precision: str,
     group_by_length: bool = False,
     on_step=None,
+    unpad: bool = True,
 ) -> list[FineTuneResult]:
     """Train the configurations ``learning_rates`` × (``batch_size``, ``seed``) as one stacked
     model; one :class:`FineTuneResult` per learning rate, in order. ``train_seconds`` and
-    ``eval_seconds`` are the group's (shared by its members)."""
+    ``eval_seconds`` are the group's (shared by its members). ``unpad``: packed batches where the
+    model supports them, as :func:`~budgetkd.glue.finetune.fine_tune`."""
     k = len(learning_rates)
     torch.manual_seed(seed)
     model = load_classifier(model_dir, task, tokenizer.pad_token_id).to(device)
-    stacked = StackedModel(model, k, recipe.weight_decay)
+    packed = unpad and packing_supported(model)
+    stacked = StackedModel(model, k, recipe.weight_decay, packed=packed)
+    make_batch = batch_maker(train, packed, recipe.max_length)
     optimizer = StackedAdamW(stacked, recipe.adam_betas, recipe.adam_epsilon)
     peaks = [float(lr) for lr in learning_rates]
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -234,7 +257,7 @@ def fine_tune_stacked(
         sums = torch.zeros(k, dtype=torch.float64)
         count = 0
         for indices in epoch_batches(len(train), batch_size, generator, lengths, group_by_length):
-            batch = {key: v.to(device) for key, v in train.collate(indices).items()}
+            batch = {key: v.to(device) for key, v in make_batch(indices).items()}
             stacked.grad.zero_()
             with _autocast(device, precision):
                 losses, _ = stacked.forward(batch)
@@ -267,7 +290,13 @@ def fine_tune_stacked(
     suffixes = {s.name: s.metric_suffix for s in task.dev_splits}
     predictions = {
         name: predict_stacked(
-            stacked, split, task, batch_size=recipe.eval_batch_size, device=device, precision=precision
+            stacked,
+            split,
+            task,
+            batch_size=recipe.eval_batch_size,
+            device=device,
+            precision=precision,
+            max_length=recipe.max_length,
         )
         for name, split in dev.items()
     }
@@ -293,6 +322,7 @@ def fine_tune_stacked(
                 eval_seconds=eval_seconds,
                 epoch_losses=epoch_losses[member],
                 step_losses=step_losses[member],
+                unpadded=packed,
             )
         )
     return results
