@@ -8,6 +8,7 @@ schema/stages refactor) against today's. They are identical except for the chang
   forwards stop at the depth a loss reads (MiniLM, TinyBERT's last-layer maps), the tokens of a
   prepared dataset are counted (its rows are full: L, not L−1), ``teacher_cost: free`` does not
   charge the teacher's FLOPs, ``amortized`` takes 1/K off every KD budget without a sweep too;
+* ``glue.unpad`` (default true) and ``glue --padded``: GLUE fine-tunes on packed batches;
 * ``pretrain --help``: the flags are generated from ``TrainConfig`` (same flags, the field
   descriptions as help); ``budgetkd --help`` lists the new ``schema`` command.
 
@@ -42,7 +43,11 @@ def as_json(value):
 
 
 def test_every_shipped_config_resolves_as_before():
-    assert as_json(record.shipped_configs()) == golden("experiments")
+    """… plus ``glue.unpad: true`` (added since; at its default it is not in a stage fingerprint)."""
+    now = as_json(record.shipped_configs())
+    for cfg in now.values():
+        assert cfg["glue"].pop("unpad") is True
+    assert now == golden("experiments")
 
 
 def test_stage_fingerprints_are_unchanged_so_old_experiments_resume(tmp_path):
@@ -118,6 +123,10 @@ def test_help_is_unchanged_but_for_the_generated_pretrain_flags_and_the_schema_c
     for command in old:
         if command == "pretrain":
             assert _flags(now[command]) == _flags(old[command])
+        elif command == "glue":  # … and --padded, the packed batches' way back
+            assert now[command].replace("[--padded]", "") != old[command] and _flags(now[command]) == _flags(
+                old[command]
+            ) | {"--padded"}
         elif command == "budgetkd":
             assert now[command].replace("schema", "") != "" and "schema" in now[command]
         else:

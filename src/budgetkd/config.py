@@ -380,6 +380,9 @@ class GlueConfig(Section):
         "auto", description="learning rates trained together (auto: on CUDA)"
     )
     group_by_length: bool = False
+    unpad: bool = Field(
+        True, description="pack each batch's examples without padding (same mathematics); false: padded"
+    )
     threads: PositiveInt | None = Field(None, description="threads per job (null: 1 per job on CPU)")
 
     @model_validator(mode="after")

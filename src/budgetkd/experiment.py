@@ -39,7 +39,7 @@ from budgetkd.io import DirectoryLock, atomic_write_json, read_json, sha256_json
 
 STATE_VERSION = 1
 # glue config keys added later, with their defaults (see the GLUE stage's fingerprint)
-_GLUE_LATER_KEYS = {"stack": "auto", "group_by_length": False, "threads": None}
+_GLUE_LATER_KEYS = {"stack": "auto", "group_by_length": False, "threads": None, "unpad": True}
 
 
 class StageBook:
@@ -435,7 +435,7 @@ class Experiment:
                         max_eval_examples=glue_cfg["max_eval_examples"], save_predictions=glue_cfg["save_predictions"],
                         device=glue_cfg["device"], threads=glue_cfg["threads"],
                         stack=None if glue_cfg["stack"] == "auto" else glue_cfg["stack"],
-                        group_by_length=glue_cfg["group_by_length"], label=sid, lock=lock if self.is_main else None,
+                        group_by_length=glue_cfg["group_by_length"], unpad=glue_cfg["unpad"], label=sid, lock=lock if self.is_main else None,
                     )
                 )  # fmt: skip
             run_plans(plans, progress=self.progress)

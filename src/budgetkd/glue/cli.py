@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="length-grouped training batches (less padding; changes the recipe, so off by default)",
     )
+    parser.add_argument(
+        "--padded",
+        action="store_true",
+        help="padded batches instead of packed ones (the same mathematics; packing is faster)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         threads=getattr(args, "threads", None),
         stack=getattr(args, "stack", None),
         group_by_length=getattr(args, "group_by_length", False),
+        unpad=not getattr(args, "padded", False),
         progress=getattr(args, "progress", True),
     )
     if glue is None:  # a rank > 0 of a torchrun launch: it took jobs, rank 0 reports
