@@ -151,3 +151,22 @@ def test_synthetic_examples_follow_the_stated_lengths_and_shapes():
         assert pair == (len(task.text_columns) == 2)
         batch = split.pack(np.arange(32), 128)  # the packed path takes it
         assert batch["cls_index"].shape == (32,)
+
+
+def test_the_cuda_estimate_puts_the_papers_padded_grid_at_its_50_gpu_hours(tmp_path, monkeypatch):
+    """The calibration the CUDA share states: configs/paper-6l.yaml padded at 4e5 tokens/s is the
+    paper's ≈ 50 GPU-hours per student; unpadded it is the same share of fewer FLOPs."""
+    import budgetkd.plan as plan_mod
+    from budgetkd.experiment import dry_run
+
+    monkeypatch.setattr(plan_mod, "hub_reachable", lambda timeout_s=3.0: False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "paper-6l.yaml"
+    hours = {}
+    for unpad in (False, True):
+        plan = dry_run(config, tmp_path / str(unpad), world_size=1, assume_tokens_per_s=4e5,
+                       overrides={"glue.device": "cuda", "glue.unpad": unpad})  # fmt: skip
+        glue = next(s for s in plan["stages"] if s["stage"].startswith("glue:"))
+        assert "an estimate, not a measurement" in glue["hours_source"] and "on cuda" in glue["hours_source"]
+        hours[unpad] = glue["device_hours"]
+    assert hours[False] == pytest.approx(50, rel=0.05)
+    assert 0.4 * hours[False] < hours[True] < 0.6 * hours[False]
