@@ -170,3 +170,23 @@ def test_the_cuda_estimate_puts_the_papers_padded_grid_at_its_50_gpu_hours(tmp_p
         hours[unpad] = glue["device_hours"]
     assert hours[False] == pytest.approx(50, rel=0.05)
     assert 0.4 * hours[False] < hours[True] < 0.6 * hours[False]
+
+
+def test_the_probe_measures_stacked_groups_on_synthetic_examples_without_local_files(tmp_path, bert_data):
+    """glue.dir null (the hub, which a dry run does not download): synthetic examples, said so; a
+    stacked group of learning rates counts as its members (regression task, pair inputs)."""
+    from budgetkd.config import load_experiment
+    from budgetkd.glue.probe import probe_glue
+    from budgetkd.plan import build_plan, preflight
+
+    path = _config(tmp_path, bert_data, dir=None, tasks=["stsb"], stack=True, grid="lr=1e-4:2e-4:3e-4,bs=8")
+    cfg = load_experiment(path)
+    resolved = preflight(cfg, tmp_path / "out", 1)
+    rates = probe_glue(cfg, resolved, steps=2, min_seconds=0.0)
+    assert rates["stacked_members"] == 3 and rates["unpadded"] and rates["device"] == "cpu"
+    stsb = rates["tasks"]["stsb"]
+    assert stsb["examples"].startswith("synthetic") and stsb["encode_examples_per_s"] is None
+    assert stsb["train_examples_per_s"]["8"] > 0 and stsb["eval_examples_per_s"] > 0
+    plan = build_plan(cfg, tmp_path / "out", resolved, glue_rates=rates)
+    glue = next(s for s in plan["stages"] if s["stage"] == "glue:none")
+    assert glue["device_hours"] > 0 and "synthetic examples" in glue["hours_source"]
