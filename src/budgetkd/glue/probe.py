@@ -222,21 +222,11 @@ def probe_glue(cfg: dict, resolved, steps: int = 4, min_seconds: float = 1.0) ->
     try:
         model_dir = _student(cfg, resolved, tokenizer, work)
         for task in parse_tasks(cfg["glue"]["tasks"]):
-            biggest = max(run.grid.batch_sizes)
-            train, dev, encode_rate, where = _samples(
-                cfg, task, tokenizer, (MAX_STEPS + 1) * biggest, run.recipe.eval_batch_size, run
-            )
-            shapes = {}
-            for bs in run.grid.batch_sizes:
-                n = min(steps, MAX_STEPS)
-                shape = measure_shape(model_dir, task, tokenizer, _head(train, (n + 1) * bs), dev, bs, run)
-                more = min(MAX_STEPS, math.ceil(min_seconds / max(shape["step_s"], 1e-9)))
-                if more > n:
-                    shape = measure_shape(
-                        model_dir, task, tokenizer, _head(train, (more + 1) * bs), dev, bs, run
-                    )
-                shapes[str(bs)] = shape
-            tasks[task.name] = _task_record(shapes, encode_rate, where, train, dev)
+            try:
+                tasks[task.name] = _probe_task(cfg, task, tokenizer, model_dir, run, steps, min_seconds)
+            except (BudgetKDError, RuntimeError) as exc:  # CUDA out of memory is a RuntimeError
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                resolved.notes.append(f"GLUE probe of {task.name} failed ({first}); its hours are estimated")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -250,6 +240,23 @@ def probe_glue(cfg: dict, resolved, steps: int = 4, min_seconds: float = 1.0) ->
         "steps": steps,
         "tasks": tasks,
     }
+
+
+def _probe_task(cfg, task, tokenizer, model_dir, run, steps: int, min_seconds: float) -> dict:
+    """Every batch size of the grid on ``task``: ``steps`` steps, or as many as fill ``min_seconds``."""
+    biggest = max(run.grid.batch_sizes)
+    train, dev, encode_rate, where = _samples(
+        cfg, task, tokenizer, (MAX_STEPS + 1) * biggest, run.recipe.eval_batch_size, run
+    )
+    shapes = {}
+    for bs in run.grid.batch_sizes:
+        n = min(steps, MAX_STEPS)
+        shape = measure_shape(model_dir, task, tokenizer, _head(train, (n + 1) * bs), dev, bs, run)
+        more = min(MAX_STEPS, math.ceil(min_seconds / max(shape["step_s"], 1e-9)))
+        if more > n:
+            shape = measure_shape(model_dir, task, tokenizer, _head(train, (more + 1) * bs), dev, bs, run)
+        shapes[str(bs)] = shape
+    return _task_record(shapes, encode_rate, where, train, dev)
 
 
 def _head(split, n: int):
