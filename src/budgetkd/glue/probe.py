@@ -208,7 +208,7 @@ def measure_shape(model_dir: Path, task, tokenizer, train, dev, batch_size: int,
     }
 
 
-def probe_glue(cfg: dict, resolved, steps: int = 4, min_seconds: float = 1.0) -> dict:
+def probe_glue(cfg: dict, resolved, steps: int = 8, min_seconds: float = 2.0) -> dict:
     """Every task shape of the experiment's GLUE stage on this machine (module docstring): the
     plan's ``glue_throughput`` record. A shape whose ``steps`` steps took less than
     ``min_seconds`` is measured again over as many steps as fill it (at most 64): the rate of a
