@@ -9,6 +9,10 @@ schema/stages refactor) against today's. They are identical except for the chang
   prepared dataset are counted (its rows are full: L, not L−1), ``teacher_cost: free`` does not
   charge the teacher's FLOPs, ``amortized`` takes 1/K off every KD budget without a sweep too;
 * ``glue.unpad`` (default true) and ``glue --padded``: GLUE fine-tunes on packed batches;
+* a GLUE stage's ``device_hours``: measured by ``--probe`` (``budgetkd.glue.probe``) or estimated
+  from its FLOPs at the tasks' mean lengths (``plan.GLUE_UTILISATION``), no longer the 128-token
+  FLOPs at the pretraining rate; new keys ``wall_hours``, ``seconds_by_task``, ``hours_source``
+  and the plan's ``glue_throughput`` (its FLOPs, jobs and steps are unchanged);
 * ``pretrain --help``: the flags are generated from ``TrainConfig`` (same flags, the field
   descriptions as help); ``budgetkd --help`` lists the new ``schema`` command.
 
@@ -86,7 +90,7 @@ def test_the_plans_have_the_same_stages_and_unchanged_entries_outside_pretrainin
                 }, (name, stage["stage"])
             elif not stage["stage"].startswith("glue:"):
                 assert entry == {**entry, **stage}, (name, stage["stage"])
-            else:  # GLUE is priced at the No-KD pretraining rate, whose FLOPs per sequence moved
+            else:  # GLUE hours: measured by --probe or estimated (module docstring); the rest as before
                 assert {k: v for k, v in stage.items() if k != "device_hours"} == {
                     k: entry[k] for k in stage if k != "device_hours"
                 }

@@ -666,6 +666,7 @@ def dry_run(
     import json
     import os
 
+    from budgetkd.glue.probe import probe_glue
     from budgetkd.plan import build_plan, preflight, probe_throughput, render_plan, write_plan
 
     cfg = load_experiment(config_path, overrides)
@@ -677,7 +678,9 @@ def dry_run(
         raise BudgetKDError(f"--assume-tokens-per-s must be positive, got {assume_tokens_per_s}")
     resolved = preflight(cfg, out, world_size)
     measured = probe_throughput(cfg, out, resolved) if probe else None
-    plan = build_plan(cfg, out, resolved, tokens_per_s=measured, assumed_tokens_per_s=assume_tokens_per_s)
+    glue_rates = probe_glue(cfg, resolved) if probe else None
+    plan = build_plan(cfg, out, resolved, tokens_per_s=measured, assumed_tokens_per_s=assume_tokens_per_s,
+                      glue_rates=glue_rates)  # fmt: skip
     if dist_utils.rank() == 0:
         print(json.dumps(plan, indent=1, default=str) if as_json else render_plan(plan), flush=True)
         write_plan(plan, out / "plan.json")

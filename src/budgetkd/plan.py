@@ -22,9 +22,13 @@ Cost model (stated in the printed plan, per packed sequence of length L, P = 15 
 * time: at the probe's (or the given) tokens/s; a strategy not probed runs at the No-KD rate
   scaled by the FLOP ratio (time ∝ FLOPs: ``benchmarks/throughput.py`` measures how well that
   holds); W processes run W× the one-process rate;
-* GLUE: 3 · encoder_forward(128) per training example per epoch plus one forward per dev
-  example per epoch — an upper bound (real GLUE sentences are shorter than 128), at the
-  No-KD rate of one device.
+* GLUE FLOPs: 3 · encoder_forward(128) per training example per epoch plus one forward per dev
+  example per epoch — an upper bound (real GLUE sentences are shorter than 128);
+* GLUE hours: with ``--probe``, measured (:mod:`budgetkd.glue.probe`: a few uncharged fine-tuning
+  steps and one evaluation batch per task shape, on the run's device, examples/s per task ×
+  examples × epochs × configurations × seeds, plus each job's fixed cost and the tokenization);
+  without it, an estimate from the FLOPs at the tasks' mean lengths and a stated share of the
+  No-KD pretraining FLOP rate (:func:`_estimated_glue_seconds`). The plan says which.
 """
 
 from __future__ import annotations
@@ -44,6 +48,19 @@ from budgetkd.errors import BudgetKDError
 
 MASK_PROBABILITY = 0.15  # MaskingConfig's default (SPEC §1)
 GLUE_MAX_LENGTH = 128  # the paper's fine-tuning maximum sequence length
+# The GLUE estimate without --probe (:func:`_estimated_glue_seconds`): the share of the No-KD
+# pretraining FLOP rate that fine-tuning reaches on the device type (its FLOPs counted at the
+# tasks' mean lengths), and a job's fixed seconds (the classifier's load, the optimizer, warm-up).
+# CPU: the probe on a loaded 2-core machine measured 1.3-2.8 (SST-2, MRPC, QNLI; a 4 x 192
+# student, one thread per job against pretraining on both cores); 1 is kept. CUDA: what puts the
+# paper's padded recipe (mean + 2 sd lengths) at its reported ~50 GPU-hours per 6-layer student
+# for configs/paper-6l.yaml at 4e5 tokens/s. Both are calibrated guesses, printed as such.
+GLUE_UTILISATION = {"cpu": 1.0, "cuda": 0.032}
+GLUE_JOB_OVERHEAD_S = {"cpu": 1.0, "cuda": 5.0}
+GLUE_CALIBRATION = {
+    "cpu": "calibrated by --probe on a 2-core CPU",
+    "cuda": "calibrated on the paper's ~50 GPU-hours per padded 6-layer student",
+}
 
 # Shapes of well-known hub checkpoints, used when the hub cannot be reached (the plan says so).
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
@@ -814,20 +831,24 @@ def build_plan(
     *,
     tokens_per_s: dict[str, float] | None = None,
     assumed_tokens_per_s: float | None = None,
+    glue_rates: dict | None = None,
 ) -> dict:
     """The plan as plain data (what ``DIR/plan.json`` holds): the stages of
     :func:`budgetkd.stages.stage_ids`, each with its estimate. ``tokens_per_s``: measured by the
     probe per strategy label, for one process; ``assumed_tokens_per_s``: the No-KD rate of the
-    whole launch (all processes). Refuses (as the run would, before it) a budget that the data
+    whole launch (all processes); ``glue_rates``: the GLUE task shapes measured by
+    :func:`budgetkd.glue.probe.probe_glue`, else the GLUE hours are estimated. Refuses (as the run would, before it) a budget that the data
     limit or an amortized teacher charge makes impossible."""
     rates, rate_source = _rates(cfg, resolved, tokens_per_s, assumed_tokens_per_s)
     stages_ = [_data_entry(cfg, out, resolved), *_teacher_entry(cfg, out, resolved)]
     pretraining, students, sweep_summary = _pretraining_entries(cfg, out, resolved, rates)
-    glue_jobs, glue_entries = _glue_entries(cfg, out, resolved, students, rates)
+    glue_jobs, glue_entries = _glue_entries(cfg, out, resolved, students, rates, glue_rates)
     stages_ += pretraining + glue_entries
     stages_.append({"stage": "report", "dir": str(out), "what": "table.{md,csv,tex}, budget.md, plots/", "flops": 0.0,
                     "device_hours": 0.0})  # fmt: skip
-    return _plan_record(cfg, out, resolved, stages_, glue_jobs, sweep_summary, rates, rate_source)
+    record = _plan_record(cfg, out, resolved, stages_, glue_jobs, sweep_summary, rates, rate_source)
+    record["glue_throughput"] = glue_rates
+    return record
 
 
 def _plan_record(cfg, out, resolved, stages_, glue_jobs, sweep_summary, rates, rate_source) -> dict:
@@ -1082,8 +1103,9 @@ def _sweep_summary(cfg, base) -> dict:
     }  # fmt: skip
 
 
-def _glue_entries(cfg, out, resolved, students, rates) -> tuple[list[dict], list[dict]]:
-    """Every GLUE job of one student (tasks × grid × seeds) and one stage per student."""
+def _glue_entries(cfg, out, resolved, students, rates, glue_rates=None) -> tuple[list[dict], list[dict]]:
+    """Every GLUE job of one student (tasks × grid × seeds) and one stage per student, its hours
+    from the probe's measured rates (``glue_rates``) or else estimated (:func:`_glue_seconds`)."""
     from budgetkd.glue.search import parse_grid
 
     glue_cfg = cfg["glue"]
@@ -1102,20 +1124,110 @@ def _glue_entries(cfg, out, resolved, students, rates) -> tuple[list[dict], list
                 jobs.append({"task": task, "lr": lr, "batch_size": bs, "seed": seed, "train_examples": n_train_glue,
                              "dev_examples": n_dev, "sizes_from": where, "steps": steps, "flops": job_flops})  # fmt: skip
     per_student = sum(j["flops"] for j in jobs)
-    rate = _glue_flop_rate(cfg, resolved, rates)
+    seconds, by_task, source = _glue_seconds(cfg, resolved, jobs, rates, glue_rates)
     what = (f"{len(sizes)} task(s) × {len(grid)} configuration(s) × {len(glue_cfg['seeds'])} seed(s) "
             f"= {len(jobs)} fine-tuning jobs, {sum(j['steps'] for j in jobs):,} optimizer steps")  # fmt: skip
     entries = [
         {"stage": f"glue:{sid}", "dir": str(out / "glue" / sid), "what": what, "jobs": len(jobs),
-         "steps": sum(j["steps"] for j in jobs), "flops": per_student,
-         "device_hours": None if rate is None else per_student / rate / 3600.0}
+         "steps": sum(j["steps"] for j in jobs), "flops": per_student, "device_hours": _hours(seconds),
+         "wall_hours": None if seconds is None else seconds / resolved.world_size / 3600.0,
+         "seconds_by_task": by_task, "hours_source": source}
         for sid in students
     ]  # fmt: skip
     return jobs, entries
 
 
+def _glue_seconds(cfg, resolved, jobs, rates, glue_rates) -> tuple[float | None, dict, str]:
+    """Device-seconds of one student's GLUE grid (each job on one device): per job, from the rates
+    the probe measured for its task shape (:func:`budgetkd.glue.probe.job_seconds`, plus the
+    task's tokenization once); a task the probe did not measure, by :func:`_estimated_glue_seconds`."""
+    from budgetkd.glue.probe import encode_seconds, job_seconds
+
+    measured = (glue_rates or {}).get("tasks", {})
+    epochs = cfg["glue"]["epochs"]
+    by_task: dict[str, float | None] = {}
+    for job in jobs:
+        task, rate = job["task"], measured.get(job["task"])
+        if rate is None:
+            s = _estimated_glue_seconds(cfg, resolved, job, rates)
+        else:
+            s = job_seconds(rate, epochs, job["train_examples"], job["dev_examples"], job["batch_size"])
+            if task not in by_task:
+                s += encode_seconds(rate, job["train_examples"], job["dev_examples"])
+        by_task[task] = None if s is None or by_task.get(task, 0.0) is None else by_task.get(task, 0.0) + s
+    known = [v for v in by_task.values() if v is not None]
+    total = sum(known) if len(known) == len(by_task) else None
+    return total, by_task, _glue_source(cfg, resolved, glue_rates, set(by_task), rates)
+
+
+def _glue_source(cfg, resolved, glue_rates, tasks: set, rates) -> str:
+    """Where the GLUE hours come from, in words (printed and in plan.json)."""
+    measured = (glue_rates or {}).get("tasks", {})
+    parts = [
+        f"{_rate_text(r['train_examples_per_s'])} ex/s train, {r['eval_examples_per_s']:,.0f} ex/s eval for {task}"
+        for task, r in measured.items() if task in tasks
+    ]  # fmt: skip
+    if parts:
+        g = glue_rates
+        threads = "" if g["threads"] is None else f", {g['threads']} thread(s)"
+        how = (f"{g['device']}{threads}, {'unpadded' if g['unpadded'] else 'padded'}, {g['clock']} clock, "
+               f"{next(iter(measured.values()))['examples']}")  # fmt: skip
+        parts = [f"measured by --probe on this machine ({how}): " + ", ".join(parts)]
+    rest = sorted(tasks - set(measured))
+    if rest:
+        device = _glue_device(cfg)
+        if _glue_flop_rate(cfg, resolved, rates) is None:
+            parts.append(
+                f"{', '.join(rest)}: not estimated (give --probe, or --assume-tokens-per-s for an estimate)"
+            )
+        else:
+            lengths = "mean lengths" if cfg["glue"]["unpad"] else "mean + 2 sd lengths (padded batches)"
+            parts.append(
+                f"{', '.join(rest)}: an estimate, not a measurement: the fine-tuning FLOPs at the tasks' {lengths} "
+                f"at {GLUE_UTILISATION[device]:g} × the No-KD pretraining FLOP rate on {device} plus "
+                f"{GLUE_JOB_OVERHEAD_S[device]:g} s per job ({GLUE_CALIBRATION[device]}); --probe measures it"
+            )
+    return "; ".join(parts)
+
+
+def _rate_text(by_batch: dict) -> str:
+    return " / ".join(
+        f"{v:,.0f}" + (f" (bs {bs})" if len(by_batch) > 1 else "") for bs, v in by_batch.items()
+    )
+
+
+def _glue_device(cfg) -> str:
+    from budgetkd.glue.finetune import resolve_device
+
+    try:
+        return resolve_device(cfg["glue"]["device"]).type
+    except BudgetKDError:
+        return "cuda"  # asked for CUDA on a machine without it: planned for the launch's GPUs
+
+
+def _estimated_glue_seconds(cfg, resolved, job, rates) -> float | None:
+    """One run of the grid without a measurement: its FLOPs at the task's mean WordPiece lengths
+    (``glue.probe.TASK_LENGTHS``; padded batches: at the mean + 2 standard deviations, about a
+    batch's longest) over the No-KD pretraining FLOP rate × ``GLUE_UTILISATION``, plus
+    ``GLUE_JOB_OVERHEAD_S``. A calibrated guess (the constants say on what), not a measurement."""
+    from budgetkd.glue.probe import TASK_LENGTHS
+
+    rate = _glue_flop_rate(cfg, resolved, rates)
+    if rate is None:
+        return None
+    (train_mean, train_std), (dev_mean, dev_std) = TASK_LENGTHS.get(job["task"], ((40.0, 20.0), (40.0, 20.0)))
+    if not cfg["glue"]["unpad"]:
+        train_mean, dev_mean = train_mean + 2 * train_std, dev_mean + 2 * dev_std
+    shape = resolved.student.shape
+    work = cfg["glue"]["epochs"] * flops.training_flops(
+        flops.encoder_forward(shape, min(train_mean, GLUE_MAX_LENGTH), job["train_examples"])
+    ) + flops.encoder_forward(shape, min(dev_mean, GLUE_MAX_LENGTH), job["dev_examples"])
+    device = _glue_device(cfg)
+    return work / (rate * GLUE_UTILISATION[device]) + GLUE_JOB_OVERHEAD_S[device]
+
+
 def _glue_flop_rate(cfg, resolved, rates) -> float | None:
-    """FLOP/s of one device fine-tuning: the rate it pretrains No-KD at (an upper bound)."""
+    """FLOP/s of one device pretraining No-KD (the reference of the GLUE estimate)."""
     none_label = next((s["label"] for s in cfg["strategies"] if s["name"] == "none"), None)
     reference = none_label if none_label in rates else (next(iter(rates)) if rates else None)
     if reference is None or reference not in resolved.strategies:
@@ -1242,6 +1354,9 @@ def _render_body(plan: dict) -> list[str]:
             else "not measured (give --probe or --assume-tokens-per-s for hours)"
         )
     )
+    glue = next((s for s in plan["stages"] if s["stage"].startswith("glue:")), None)
+    if glue is not None and glue.get("hours_source"):
+        lines.append(f"  GLUE hours: {glue['hours_source']}")
     lines.append("  stages:")
     lines += _render_stages(plan["stages"])
     return lines + _render_totals(plan)
@@ -1288,8 +1403,8 @@ def _render_totals(plan: dict) -> list[str]:
         f"{_num(total['device_hours'], '.3g')} device-hours"
     )
     lines.append(
-        "  (FLOPs: budgetkd.flops, 15 % of positions predicted; GLUE at length 128 is an upper bound; "
-        "hours at the throughput above, others scaled by FLOPs)"
+        "  (FLOPs: budgetkd.flops, 15 % of positions predicted; GLUE FLOPs at length 128 are an upper bound; "
+        "pretraining hours at the throughput above, others scaled by FLOPs; GLUE hours as said above)"
     )
     for note in plan["notes"]:
         lines.append(f"note: {note}")
