@@ -383,7 +383,8 @@ class Experiment:
             "points": [tag for tag, _ in stages.sweep_points(self.cfg, None)],
             "students": {
                 r.id: {
-                    "label": r.strategy["label"], "strategy": r.strategy["name"], "tag": r.id.split("@", 1)[1],
+                    "label": r.strategy["label"], "strategy": r.strategy["name"],
+                    "tag": stages.base_id(r.id)[0].split("@", 1)[1], **({"pretrain_seed": r.seed} if r.seed else {}),
                     "budget": r.budget.exact_text(), "amount": r.budget.amount, "point_amount": r.point,
                     "run": str(r.run_dir), "schedule": {k: v for k, v in r.schedule.items() if k != "snapshots"},
                 }
