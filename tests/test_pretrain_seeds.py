@@ -211,3 +211,73 @@ def test_pretrain_inflation_values():
     assert bootstrap.pretrain_inflation(1) == 1.0
     assert bootstrap.pretrain_inflation(3) == pytest.approx(2.689, abs=1e-3)
     assert bootstrap.pretrain_inflation(10) == pytest.approx(1.217, abs=1e-3)
+
+
+# -- the plan and a tiny compare ----------------------------------------------------------------
+def _dry_run_plan(tmp_path: Path, config: dict) -> dict:
+    from budgetkd.cli import main
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out), "--dry-run"]) == 0
+    return json.loads((out / "plan.json").read_text())
+
+
+def test_the_plan_prices_every_pretraining_seed(tmp_path, teacher_dir, tiny_data_dir, capsys):
+    from conftest import SEQ_LEN
+    from test_plan import _experiment
+
+    def pretraining(seeds):
+        config = _experiment(teacher_dir, data={"prepared": str(tiny_data_dir), "seq_len": SEQ_LEN})
+        config |= {
+            "budget": {"explicit": "3steps"},
+            "strategies": ["none", "minilm"],
+            "pretrain_seeds": seeds,
+        }
+        plan = _dry_run_plan(tmp_path / str(len(seeds)), config)
+        return {s["stage"]: s for s in plan["stages"] if s["stage"].startswith(("pretrain:", "glue:"))}
+
+    one, three = pretraining([0]), pretraining([0, 1, 2])
+    assert list(one) == ["pretrain:none", "pretrain:minilm", "glue:none", "glue:minilm"]
+    assert {k for k in three if k.startswith("pretrain:")} == {
+        f"pretrain:{label}{suffix}" for label in ("none", "minilm") for suffix in ("", "~s1", "~s2")
+    }
+    steps = lambda stages_: sum(s["steps"] for k, s in stages_.items() if k.startswith("pretrain:"))  # noqa: E731
+    flops = lambda stages_: sum(s["flops"] for k, s in stages_.items() if k.startswith("pretrain:"))  # noqa: E731
+    assert steps(one) == 2 * 3 and steps(three) == 3 * steps(one)
+    assert flops(three) == pytest.approx(3 * flops(one), rel=2e-2)
+    assert sum(1 for k in three if k.startswith("glue:")) == 6
+
+
+def test_a_tiny_compare_with_two_pretraining_seeds(tmp_path):
+    """No-KD and MiniLM, pretrain_seeds [0, 1]: four runs, four GLUE stages, one row each in Table
+    2 with the two-level interval (the run at seed 0 keeps today's directory)."""
+    from test_experiment import base_config
+
+    from budgetkd.cli import main
+
+    config = base_config() | {"strategies": ["none", "minilm"], "pretrain_seeds": [0, 1]}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out), "--no-progress"]) == 0
+    summaries = {sid: json.loads((out / "runs" / sid / "summary.json").read_text()) for sid in
+                 ("none", "minilm", "none~s1", "minilm~s1")}  # fmt: skip
+    assert summaries["none~s1"]["init_fingerprint"] != summaries["none"]["init_fingerprint"]
+    assert summaries["minilm~s1"]["init_fingerprint"] == summaries["none~s1"]["init_fingerprint"]
+    assert float(summaries["none~s1"]["budget"]["amount"]) == pytest.approx(
+        summaries["none"]["consumed"]["flops"]
+    )
+    assert all((out / "glue" / sid / "glue.json").is_file() for sid in summaries)
+    assert json.loads((out / "experiment.json").read_text())["pretrain_seeds"] == [0, 1]
+    table = (out / "table.md").read_text()
+    assert "~s1" not in table and "interval over pretraining seeds, fine-tuning seeds and dev" in table
+    fairness = json.loads((out / "fairness.json").read_text())
+    assert fairness["ok"] and set(fairness["init_fingerprint"]) == {"0", "1"}
+    built = report.build_table(report.collect(out))
+    minilm = next(r for r in built["rows"] if r["label"] == "minilm")
+    assert minilm["interval"] == report.INTERVAL_PRETRAIN and minilm["pretrain_runs"] == 2
+    low, high = minilm["delta_ci95"]
+    assert low <= minilm["delta"] <= high
