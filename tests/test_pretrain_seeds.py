@@ -281,3 +281,48 @@ def test_a_tiny_compare_with_two_pretraining_seeds(tmp_path):
     assert minilm["interval"] == report.INTERVAL_PRETRAIN and minilm["pretrain_runs"] == 2
     low, high = minilm["delta_ci95"]
     assert low <= minilm["delta"] <= high
+
+
+def test_the_sweep_report_merges_each_points_pretraining_runs(tmp_path, monkeypatch):
+    """A sweep written with pretrain_seeds [0, 1, 2]: every point's row is the mean over its three
+    runs (here ±2 of 40 RTE examples around seed 0, so the mean is seed 0's) and its Δ interval,
+    from the two-level bootstrap, is wider than with seed 0 alone."""
+    import re
+
+    from test_report import _write_glue_with_predictions
+    from test_sweep import SWEEP_CORRECT, SWEEP_POINTS, _capture_sweep_figures, _rte, _sweep_dir
+
+    from budgetkd.sweep_report import write_sweep_report
+
+    _capture_sweep_figures(monkeypatch)
+    pattern = re.compile(
+        r"\| Vanilla-KD \(vanilla@1e\+12flops\) \| 65\.0 \| \+15\.0 \[([+-][\d.]+), ([+-][\d.]+)\]"
+    )
+
+    def width(out: Path) -> float:
+        write_sweep_report(out)
+        low, high = map(float, pattern.search((out / "sweep.md").read_text()).groups())
+        return high - low
+
+    one = width(_sweep_dir(tmp_path / "one"))
+    out = _sweep_dir(tmp_path / "three")
+    sweep = json.loads((out / "sweep.json").read_text())
+    for seed, shift in ((1, 2), (2, -2)):
+        for label in ("none", "vanilla"):
+            for point, correct in zip(SWEEP_POINTS, SWEEP_CORRECT[label]):
+                sid = f"{label}@{point:g}flops"
+                new = f"{sid}~s{seed}"
+                run = out / "runs" / new
+                run.mkdir(parents=True)
+                (run / "summary.json").write_text((out / "runs" / sid / "summary.json").read_text())
+                (out / "glue" / new).mkdir(parents=True)
+                _write_glue_with_predictions(out / "glue" / new, _rte(correct + shift))
+                sweep["students"][new] = sweep["students"][sid] | {"run": str(run), "pretrain_seed": seed}
+    (out / "sweep.json").write_text(json.dumps(sweep))
+    experiment = json.loads((out / "experiment.json").read_text()) | {"pretrain_seeds": [0, 1, 2]}
+    (out / "experiment.json").write_text(json.dumps(experiment))
+    three = width(out)
+    assert three > one
+    assert "interval over pretraining seeds" in (out / "sweep" / "table-1e+12flops.md").read_text()
+    assert "Pretraining seeds: 3 runs per strategy and point" in (out / "sweep.md").read_text()
+    assert "pretrain_seed" in (out / "sweep" / "long.csv").read_text().splitlines()[0]

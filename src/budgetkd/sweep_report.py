@@ -419,6 +419,13 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         report.read_teacher_preparation(out), sweep.get("teacher_cost")
     )
     seeds = sorted({st.get("pretrain_seed", 0) for st in students.values()})
+    if len(seeds) > 1:
+        sections += [
+            f"Pretraining seeds: {len(seeds)} runs per strategy and point; every Avg and Δ is the mean over "
+            "them, and every Δ and crossover interval is over pretraining seeds, fine-tuning seeds and dev "
+            "examples (the two-level bootstrap of table.md; paired across points on the pretraining-seed index).",
+            "",
+        ]
     for tag in sweep["points"]:
         ids = [sid for sid, st in students.items() if st["tag"] == tag and not st.get("pretrain_seed")]
         rows = [_point_row(out, students, sid, seeds) for sid in ids]
