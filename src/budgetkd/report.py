@@ -31,6 +31,12 @@ those Δ. The example indices of the task in column c come from
 ``default_rng([bootstrap_seed, c_task, crc32(label)])`` with c_task the column of the task's
 first split, so the table is deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
 or no interval.
+
+With several pretraining seeds (``pretrain_seeds`` in experiment.json) a row stands for its runs
+``runs/LABEL~sK`` (:func:`merge_units`): its scores are the mean over them, and Δ's interval is
+the two-level bootstrap of :func:`hierarchical_bootstrap` (pretraining runs from
+``default_rng([bootstrap_seed, PRETRAIN_DRAW_KEY])``, then each slot's fine-tuning seeds, then the
+dev examples, all shared by the rows), its pretraining level widened for the few runs.
 """
 
 from __future__ import annotations
