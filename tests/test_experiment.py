@@ -157,6 +157,7 @@ def test_shipped_configs_validate():
     configs = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in configs.glob("*.yaml"))
     assert names == [
+        "demo-seeds.yaml",
         "demo-self-teacher.yaml",
         "demo-sweep.yaml",
         "demo.yaml",

@@ -28,7 +28,7 @@ def schema() -> dict:
 def test_every_shipped_config_validates_against_the_schema(schema):
     jsonschema.Draft202012Validator.check_schema(schema)
     names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-    assert len(names) == 6
+    assert len(names) == 7
     for name in names:
         text = (CONFIGS / name).read_text()
         assert text.startswith("# yaml-language-server: $schema=experiment.schema.json\n"), name

@@ -422,6 +422,11 @@ class ExperimentConfig(Section):
 
     name: str = Field("experiment", description="the experiment's name (default: the file's stem)")
     seed: NonNegativeInt = Field(0, description="student init, dropout, data order, masks")
+    pretrain_seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = Field(
+        [0],
+        description="every strategy (and sweep point) is pretrained once per entry, at seed + entry "
+        "(student init, data order, masks, dropout); 0 is the run named as without seeds, others get ~sK",
+    )
     data: DataConfig
     teacher: TeacherConfig | None = Field(None, description="required unless every strategy is none")
     student: str | dict[str, Any] = Field(
@@ -482,6 +487,15 @@ class ExperimentConfig(Section):
                 "config key 'strategies': a strategy appears twice; give repeated ones distinct 'label's"
             )
         return entries
+
+    @field_validator("pretrain_seeds")
+    @classmethod
+    def _pretrain_seeds(cls, seeds: list[int]) -> list[int]:
+        if 0 not in seeds or len(set(seeds)) != len(seeds):
+            raise BudgetKDError(
+                f"config key 'pretrain_seeds' must hold 0 (the calibration's run) and distinct offsets, got {seeds}"
+            )
+        return seeds
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -546,7 +560,8 @@ class ExperimentConfig(Section):
             "optimizer": self.optimizer.model_dump(),
             "training": self.training.model_dump(),
             "glue": self.glue.model_dump(),
-        }
+        } | ({"pretrain_seeds": list(self.pretrain_seeds)} if self.pretrain_seeds != [0] else {})
+        # at its default pretrain_seeds is not recorded: experiment.json (and what resumes) unchanged
 
 
 def _dump(value):

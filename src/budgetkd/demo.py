@@ -30,14 +30,16 @@ OFFLINE_HINT = (
 
 
 def demo_config_path(name: str = "demo") -> Path:
-    """An embedded config by name (``demo``, ``demo-self-teacher``, ``demo-sweep``) or a YAML path."""
+    """An embedded config by name (``demo``, ``demo-self-teacher``, ``demo-sweep``, ``demo-seeds``) or a YAML path."""
     if Path(name).suffix in (".yaml", ".yml"):
         if not Path(name).is_file():
             raise BudgetKDError(f"demo config {name} not found")
         return Path(name)
     path = Path(str(resources.files("budgetkd") / "configs" / f"{name}.yaml"))
     if not path.is_file():
-        raise BudgetKDError(f"no embedded demo config {name!r} (try demo, demo-self-teacher or demo-sweep)")
+        raise BudgetKDError(
+            f"no embedded demo config {name!r} (try demo, demo-self-teacher, demo-sweep or demo-seeds)"
+        )
     return path
 
 
@@ -96,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default="demo",
         metavar="NAME|YAML",
-        help="embedded demo config: demo (all-MiniLM-L6-v2 teacher), demo-self-teacher or demo-sweep; or a YAML",
+        help="embedded demo config: demo (all-MiniLM-L6-v2 teacher), demo-self-teacher, demo-sweep or demo-seeds; or a YAML",
     )
     parser.add_argument("--teacher", metavar="PATH_OR_HUB_ID", help="another teacher than the config's")
     parser.add_argument("--out", default="budgetkd-demo", metavar="DIR")

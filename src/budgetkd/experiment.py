@@ -383,7 +383,8 @@ class Experiment:
             "points": [tag for tag, _ in stages.sweep_points(self.cfg, None)],
             "students": {
                 r.id: {
-                    "label": r.strategy["label"], "strategy": r.strategy["name"], "tag": r.id.split("@", 1)[1],
+                    "label": r.strategy["label"], "strategy": r.strategy["name"],
+                    "tag": stages.base_id(r.id)[0].split("@", 1)[1], **({"pretrain_seed": r.seed} if r.seed else {}),
                     "budget": r.budget.exact_text(), "amount": r.budget.amount, "point_amount": r.point,
                     "run": str(r.run_dir), "schedule": {k: v for k, v in r.schedule.items() if k != "snapshots"},
                 }
@@ -546,11 +547,18 @@ class Experiment:
     def _check_fairness(self, summaries: dict[str, dict]) -> dict:
         """SPEC §4: identical initial weights, data, data order and schedule shape, or refuse."""
         checks = {}
+        seeds = sorted({stages.base_id(label)[1] for label in summaries})  # pretrain_seeds: per seed
         for key in ("init_fingerprint", "data_fingerprint", "data_seed", "batch_size", "world_size"):
-            values = {label: s.get(key) for label, s in summaries.items()}
-            if len(set(map(str, values.values()))) > 1:
-                raise BudgetKDError(f"fairness violated: {key} differs between strategies ({values})")
-            checks[key] = next(iter(values.values()), None)
+            per_seed = key in ("init_fingerprint", "data_seed")  # the others: equal across seeds too
+            for seed in seeds if per_seed else [None]:
+                values = {label: s.get(key) for label, s in summaries.items()
+                          if seed is None or stages.base_id(label)[1] == seed}  # fmt: skip
+                if len(set(map(str, values.values()))) > 1:
+                    raise BudgetKDError(f"fairness violated: {key} differs between strategies ({values})")
+                first = next(iter(values.values()), None)
+                checks[key] = (
+                    first if seed is None or len(seeds) == 1 else {**checks.get(key, {}), seed: first}
+                )
         checks["peak_lr"] = {label: s.get("lr") for label, s in summaries.items()}
         checks["budget"] = {label: s["budget"]["text"] for label, s in summaries.items()}
         checks["ok"] = True

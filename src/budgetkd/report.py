@@ -31,6 +31,12 @@ those Δ. The example indices of the task in column c come from
 ``default_rng([bootstrap_seed, c_task, crc32(label)])`` with c_task the column of the task's
 first split, so the table is deterministic. Rows without prediction files fall back to a bootstrap over seeds (several seeds)
 or no interval.
+
+With several pretraining seeds (``pretrain_seeds`` in experiment.json) a row stands for its runs
+``runs/LABEL~sK`` (:func:`merge_units`): its scores are the mean over them, and Δ's interval is
+the two-level bootstrap of :func:`hierarchical_bootstrap` (pretraining runs from
+``default_rng([bootstrap_seed, PRETRAIN_DRAW_KEY])``, then each slot's fine-tuning seeds, then the
+dev examples, all shared by the rows), its pretraining level widened for the few runs.
 """
 
 from __future__ import annotations
@@ -104,6 +110,10 @@ LOGIT_DISTILLING_STRATEGIES = frozenset({"vanilla"})
 INTERVAL_EXAMPLES = "examples"
 INTERVAL_SEEDS_EXAMPLES = "seeds x examples"
 INTERVAL_SEEDS = "seeds"
+INTERVAL_PRETRAIN = "pretraining seeds x seeds x examples"  # the two-level bootstrap
+INTERVAL_PRETRAIN_ONLY = "pretraining seeds"  # no prediction files: over the runs' means
+PRETRAIN_DRAW_KEY = 1_000_003  # default_rng([bootstrap_seed, this]): the pretraining-run draws
+FINETUNE_DRAW_KEY = 1_000_033  # default_rng([bootstrap_seed, c_task, this, slot]): a slot's seed draws
 
 MARK_FEWER_TASKS = "†"
 MARK_DATA_LIMIT = "‡"
@@ -352,11 +362,49 @@ def collect(out: Path) -> dict:
             (label, _read_summary(out / "runs" / label / "summary.json").get("strategy", label))
             for label in runs
         ]
+    seeds = _pretrain_seeds(out)
     rows = [
         collect_row(label, name, out / "runs" / label, out / "glue" / label / "glue.json")
+        if seeds == [0]
+        else seeded_row(label, name, out, seeds)
         for label, name in entries
     ]
     return {"rows": rows, "setup": read_setup(out)}
+
+
+def _pretrain_seeds(out: Path) -> list[int]:
+    """The experiment's pretraining seeds (experiment.json records them only when not [0])."""
+    from budgetkd.stages import pretrain_seeds
+
+    experiment = _optional_json(out / "experiment.json", "experiment record") or {}
+    return pretrain_seeds(experiment)
+
+
+def seeded_row(label: str, name: str, out: Path, seeds: list[int]) -> dict:
+    """One row over several pretraining runs (``pretrain_seeds``): :func:`merge_units` of the rows
+    of its runs ``runs/LABEL~sK``."""
+    from budgetkd.stages import seed_suffix
+
+    return merge_units(
+        [
+            collect_row(sid, name, out / "runs" / sid, out / "glue" / sid / "glue.json")
+            for sid in (label + seed_suffix(seed) for seed in seeds)
+        ],
+        seeds,
+    )
+
+
+def merge_units(units: list[dict], seeds: list[int]) -> dict:
+    """One row from the rows of its pretraining runs (seed 0 first): its ``units`` are the runs
+    with GLUE results (seed 0 always), its scores per column the runs' means over their
+    fine-tuning seeds (so a cell is the mean over pretraining runs ± their sd); the label, tokens
+    and the budget table are seed 0's run's."""
+    units = [u | {"pretrain_seed": k} for u, k in zip(units, seeds) if u["scores"] or k == 0]
+    row = dict(units[0])
+    keys = [k for k in units[0]["scores"] if all(k in u["scores"] for u in units)]
+    row["scores"] = {k: [float(np.mean(u["scores"][k])) for u in units] for k in keys}
+    row["units"] = units
+    return row
 
 
 def read_setup(out: Path) -> dict:
@@ -463,6 +511,26 @@ def seed_draws(seed: int, task: int, label: str, samples: int, seeds: int) -> np
     return rng.integers(0, seeds, size=(samples, seeds))
 
 
+def column_seed_scores(
+    column_index: int, metrics: tuple[str, ...], rows: dict[str, list], samples: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Per row [samples, S]: each fine-tuning seed's score on the example resamples of
+    ``default_rng([seed, column_index])`` (the same resamples for every row)."""
+    n = len(next(iter(rows.values()))[0][0])
+    rng = np.random.default_rng([seed, column_index])
+    per_seed = {label: np.empty((samples, len(runs))) for label, runs in rows.items()}
+    labels = next(iter(rows.values()))[0][0]  # the same dev labels for every row and seed
+    step = bootstrap.block_size(n)
+    cache = bootstrap.RankCache()  # the sort of each array, the labels' ranks once per block
+    for start in range(0, samples, step):
+        stop = min(samples, start + step)
+        weights = bootstrap.resample_counts(rng, n, stop - start)
+        for label, runs in rows.items():
+            for s, (_, predictions) in enumerate(runs):
+                per_seed[label][start:stop, s] = bootstrap.score(metrics, weights, labels, predictions, cache)
+    return per_seed
+
+
 def bootstrap_column(
     column_index: int,
     metrics: tuple[str, ...],
@@ -481,18 +549,7 @@ def bootstrap_column(
     splits of one task, scored on one fine-tuned model per seed, share the draw), each scored on
     resample r's examples.
     """
-    n = len(next(iter(rows.values()))[0][0])
-    rng = np.random.default_rng([seed, column_index])
-    per_seed = {label: np.empty((samples, len(runs))) for label, runs in rows.items()}
-    labels = next(iter(rows.values()))[0][0]  # the same dev labels for every row and seed
-    step = bootstrap.block_size(n)
-    cache = bootstrap.RankCache()  # the sort of each array, the labels' ranks once per block
-    for start in range(0, samples, step):
-        stop = min(samples, start + step)
-        weights = bootstrap.resample_counts(rng, n, stop - start)
-        for label, runs in rows.items():
-            for s, (_, predictions) in enumerate(runs):
-                per_seed[label][start:stop, s] = bootstrap.score(metrics, weights, labels, predictions, cache)
+    per_seed = column_seed_scores(column_index, metrics, rows, samples, seed)
     result = {}
     for label, matrix in per_seed.items():
         if matrix.shape[1] == 1:
@@ -546,6 +603,61 @@ def paired_bootstrap(rows: list[dict], columns: list[ScoreColumn], settings: Rep
     return scores
 
 
+def pretrain_draws(seed: int, samples: int, runs: int) -> np.ndarray:
+    """The pretraining runs of every resample [samples, runs], drawn with replacement, shared by
+    every row and task: ``default_rng([seed, PRETRAIN_DRAW_KEY]).integers(0, runs, …)``."""
+    return np.random.default_rng([seed, PRETRAIN_DRAW_KEY]).integers(0, runs, size=(samples, runs))
+
+
+def finetune_draws(seed: int, task: int, slot: int, samples: int, seeds: int) -> np.ndarray:
+    """The fine-tuning seeds of pretraining slot ``slot`` [samples, seeds], shared by every row and
+    by the splits of one task (MNLI-m/-mm): ``default_rng([seed, task, FINETUNE_DRAW_KEY, slot])``."""
+    rng = np.random.default_rng([seed, task, FINETUNE_DRAW_KEY, slot])
+    return rng.integers(0, seeds, size=(samples, seeds))
+
+
+def hierarchical_bootstrap(rows: list[dict], columns: list[ScoreColumn], settings: ReportSettings) -> dict:
+    """{(label, column key): task scores [samples]} of the rows over several pretraining runs
+    (``units``), by the two-level bootstrap (:func:`budgetkd.glue.bootstrap.hierarchical_scores`):
+    resample the pretraining runs, then each drawn run's fine-tuning seeds, then the dev examples.
+    Rows pair on all three: the same pretraining-seed indices (run j of every row is its seed-j
+    run), the same seed draws per slot and task, the same examples. Rows with another number of
+    runs than the most common one get no such interval. The pretraining level's share of every
+    resample is widened by :func:`~budgetkd.glue.bootstrap.pretrain_inflation` (few runs)."""
+    counts = [len(r.get("units") or [r]) for r in rows]
+    runs = max(set(counts), key=counts.count)
+    samples, seed = settings.bootstrap_samples, settings.bootstrap_seed
+    pretrain = pretrain_draws(seed, samples, runs)
+    every_run = np.tile(np.arange(runs), (samples, 1))  # the lower levels only
+    factor = bootstrap.pretrain_inflation(runs)
+    units = {r["label"]: r.get("units") or [r] for r, n in zip(rows, counts) if n == runs}
+    cache: dict = {}
+    scores: dict[tuple[str, str], np.ndarray] = {}
+    for column in columns:
+        found = {}
+        for row_units in units.values():
+            pairs = [
+                _column_predictions(u, column, cache) if column.key in u["scores"] else None
+                for u in row_units
+            ]
+            if all(p is not None for p in pairs):
+                found |= {u["label"]: p for u, p in zip(row_units, pairs)}
+        if not found:
+            continue
+        _check_same_examples(column, found, {u["label"]: u for us in units.values() for u in us})
+        per_seed = column_seed_scores(ALL_COLUMNS.index(column), column.metrics, found, samples, seed)
+        task = task_index(column)
+        for label, row_units in units.items():
+            if all(u["label"] in per_seed for u in row_units):
+                per_run = [per_seed[u["label"]] for u in row_units]
+                draws = lambda slot, n, task=task: finetune_draws(seed, task, slot, samples, n)  # noqa: E731
+                scores[(label, column.key)] = bootstrap.inflated(
+                    bootstrap.hierarchical_scores(per_run, pretrain, draws),
+                    bootstrap.hierarchical_scores(per_run, every_run, draws), factor,
+                )  # fmt: skip
+    return scores
+
+
 def _seed_bootstrap(row: dict, base: dict, tasks: list[str], samples: int, rng: np.random.Generator):
     """Without prediction files: Δ resampled over the seeds of each task, per row (the old interval).
 
@@ -591,13 +703,14 @@ def delta_samples(row, base, common, boot, settings, rng) -> tuple[np.ndarray | 
 
     With prediction files the resample r of every task uses the same dev examples for every row
     (and, through the seeded RNG, in every report): the samples of two budgets are paired too."""
+    seeded = bool(row.get("units")) and bool(base.get("units"))
     if all((r["label"], k) in boot for r in (row, base) for k in common):
         samples = np.mean([boot[(row["label"], k)] - boot[(base["label"], k)] for k in common], axis=0)
         several = any(len(r["scores"][k]) > 1 for r in (row, base) for k in common)
-        kind = INTERVAL_SEEDS_EXAMPLES if several else INTERVAL_EXAMPLES
+        kind = INTERVAL_PRETRAIN if seeded else INTERVAL_SEEDS_EXAMPLES if several else INTERVAL_EXAMPLES
     else:
         samples = _seed_bootstrap(row, base, common, settings.bootstrap_samples, rng)
-        kind = INTERVAL_SEEDS
+        kind = INTERVAL_PRETRAIN_ONLY if seeded else INTERVAL_SEEDS
     if samples is None:
         return None, None
     return samples, kind
@@ -616,7 +729,12 @@ def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
     extra_columns = [c for c in ALL_COLUMNS if c.key not in settings.avg_tasks and c.key in present]
     base = next((r for r in rows if r["strategy"] == "none"), None)
     avg_used = [COLUMN_BY_KEY[k] for k in avg_keys]
-    boot = paired_bootstrap(rows, avg_used, settings) if base is not None else {}
+    seeded = any(r.get("units") for r in rows)
+    boot = (
+        (hierarchical_bootstrap if seeded else paired_bootstrap)(rows, avg_used, settings)
+        if base is not None
+        else {}
+    )
     rng = np.random.default_rng(settings.bootstrap_seed)
     table = []
     for row in rows:
@@ -658,6 +776,7 @@ def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
                 "interval": kind,
                 "fewer_tasks": fewer and bool(row_avg_tasks),
                 "is_base": is_base,
+                "pretrain_runs": len(row["units"]) if row.get("units") else None,
             }
         )
     return {
@@ -776,6 +895,8 @@ def table_notes(table: dict) -> list[str]:
                 else "; over examples only where a row has one seed"
             )
         text += f"; bootstrap RNG seed {settings.bootstrap_seed}"
+    if kinds & {INTERVAL_PRETRAIN, INTERVAL_PRETRAIN_ONLY}:
+        text += _pretrain_interval_text(table, kinds)
     if INTERVAL_SEEDS in kinds:
         which = ", ".join(r["display"] for r in rows if r["interval"] == INTERVAL_SEEDS)
         text += f"; {which}: no prediction files, interval resampled over fine-tuning seeds only"
@@ -801,6 +922,29 @@ def table_notes(table: dict) -> list[str]:
                 "was spent."
             )
     return notes
+
+
+def _pretrain_interval_text(table: dict, kinds: set) -> str:
+    """What the interval covers when the rows have several pretraining runs (pretrain_seeds)."""
+    settings: ReportSettings = table["settings"]
+    runs = max(r.get("pretrain_runs") or 1 for r in table["rows"])
+    text = (
+        f"; {runs} pretraining runs per row (pretrain_seeds): every score is the mean over them, a cell's "
+        "± the sd over the runs (each run's mean over its fine-tuning seeds)"
+    )
+    if INTERVAL_PRETRAIN in kinds:
+        text += (
+            f"; [low, high] = 95 % two-level paired bootstrap, interval over pretraining seeds, fine-tuning "
+            f"seeds and dev examples: each of {settings.bootstrap_samples} resamples draws {runs} pretraining "
+            "runs with replacement, then each drawn run's fine-tuning seeds, then each task's dev examples; "
+            "rows pair on the pretraining-seed index, the fine-tuning seed draw and the dev examples; "
+            f"the pretraining level's share of each resample widened ×{bootstrap.pretrain_inflation(runs):.2f} "
+            f"(t with {runs - 1} df over z, √(P/(P−1)): few runs); "
+            f"bootstrap RNG seed {settings.bootstrap_seed}"
+        )
+    if INTERVAL_PRETRAIN_ONLY in kinds:
+        text += "; without prediction files: interval over pretraining seeds only (the runs' means)"
+    return text
 
 
 def render_markdown(table: dict, budget_rows: list[dict], teacher_note: str | None = None) -> str:

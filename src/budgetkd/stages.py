@@ -43,6 +43,7 @@ class StudentRun:
     run_dir: Path
     schedule: dict = field(default_factory=dict)  # TrainConfig's schedule fields
     reuse: str | None = None  # the calibration run stands for this point (linear sweep, x1)
+    seed: int = 0  # the pretraining seed's offset (pretrain_seeds): the run trains at cfg seed + this
 
     @property
     def stage(self) -> str:
@@ -102,13 +103,32 @@ def sweep_points(cfg: dict, base: Budget | None) -> list[tuple[str, Budget | Non
     return points
 
 
+def pretrain_seeds(cfg: dict) -> list[int]:
+    """The pretraining seeds' offsets, 0 first (``pretrain_seeds``; absent: [0], the paper)."""
+    seeds = cfg.get("pretrain_seeds") or [0]
+    return [0] + [k for k in seeds if k != 0]
+
+
+def seed_suffix(seed: int) -> str:
+    """What a run id and directory of pretraining seed ``seed`` carry: nothing for 0, else ``~sK``."""
+    return f"~s{seed}" if seed else ""
+
+
+def base_id(sid: str) -> tuple[str, int]:
+    """(the id without its pretraining-seed suffix, the seed): ``MiniLM@x2~s1`` → (``MiniLM@x2``, 1)."""
+    head, sep, tail = sid.rpartition("~s")
+    return (head, int(tail)) if sep and tail.isdigit() else (sid, 0)
+
+
 def student_ids(cfg: dict) -> list[str]:
-    """Every student that is fine-tuned: the labels, or in a sweep every label@tag."""
+    """Every student that is fine-tuned: the labels, or in a sweep every label@tag; with several
+    pretraining seeds each again per seed (``~sK``, seed 0 first and unsuffixed)."""
     labels = [s["label"] for s in cfg["strategies"]]
-    if not cfg["budget"].get("sweep"):
-        return labels
-    tags = [tag for tag, _ in sweep_points(cfg, None)]
-    return [f"{label}@{tag}" for label in labels for tag in tags]
+    ids = labels
+    if cfg["budget"].get("sweep"):
+        tags = [tag for tag, _ in sweep_points(cfg, None)]
+        ids = [f"{label}@{tag}" for label in labels for tag in tags]
+    return [sid + seed_suffix(k) for k in pretrain_seeds(cfg) for sid in ids]
 
 
 def teacher_charge(cfg: dict, pretraining: dict | None = None) -> dict:
@@ -145,10 +165,21 @@ def student_runs(cfg: dict, out: Path, base: Budget | None, charge: dict) -> lis
     strategy's row is the calibration run itself), or in a sweep one per strategy and point. With
     ``schedule: wsd`` a strategy's largest point is its trunk (it keeps snapshots where the smaller
     points branch off) and the other points continue a snapshot. ``base``: the budget (None when
-    it is not known yet: a calibration not run and not estimated)."""
+    it is not known yet: a calibration not run and not estimated). Each further pretraining seed
+    repeats them all (its own WSD trunks) under ids and directories suffixed ``~sK``; there the
+    calibration strategy trains at the calibrated budget like every other row."""
+    runs = []
+    for seed in pretrain_seeds(cfg):
+        runs += _seed_runs(cfg, out, base, charge, seed)
+    return runs
+
+
+def _seed_runs(cfg: dict, out: Path, base: Budget | None, charge: dict, seed: int) -> list[StudentRun]:
+    """:func:`student_runs` of one pretraining seed."""
     cal = calibration(cfg)
-    skip = cal["label"] if cal is not None else None
+    skip = cal["label"] if cal is not None and seed == 0 else None
     runs = out / "runs"
+    suffix = seed_suffix(seed)
     if not cfg["budget"].get("sweep"):
         schedule = cfg["budget"]["schedule"]
         options = (
@@ -157,17 +188,17 @@ def student_runs(cfg: dict, out: Path, base: Budget | None, charge: dict) -> lis
             else {}
         )
         return [
-            StudentRun(s["label"], s, kd_strategy(s), charged_budget(base, kd_strategy(s), charge),
-                       base.amount if base else None, runs / s["label"], dict(options))
+            StudentRun(s["label"] + suffix, s, kd_strategy(s), charged_budget(base, kd_strategy(s), charge),
+                       base.amount if base else None, runs / (s["label"] + suffix), dict(options), seed=seed)
             for s in cfg["strategies"] if s["label"] != skip
         ]  # fmt: skip
     out_runs: list[StudentRun] = []
     for strategy in cfg["strategies"]:
-        out_runs += _sweep_runs(cfg, strategy, sweep_points(cfg, base), charge, runs, skip)
+        out_runs += _sweep_runs(cfg, strategy, sweep_points(cfg, base), charge, runs, skip, seed)
     return out_runs
 
 
-def _sweep_runs(cfg, strategy, points, charge, runs: Path, calibration_label) -> list[StudentRun]:
+def _sweep_runs(cfg, strategy, points, charge, runs: Path, calibration_label, seed=0) -> list[StudentRun]:
     """One strategy's sweep: linear (independent points; x1 of the calibration strategy is the
     calibration run) or WSD (a trunk at the largest point, branches from its snapshots)."""
     from budgetkd.sweep import branch_amount, check_sweep_points
@@ -177,9 +208,11 @@ def _sweep_runs(cfg, strategy, points, charge, runs: Path, calibration_label) ->
     charged = [(tag, charged_budget(b, kd, charge), b) for tag, b in points]
 
     def run(tag, budget, nominal, schedule=None, reuse=None) -> StudentRun:
-        sid = f"{label}@{tag}"
+        sid = f"{label}@{tag}" + seed_suffix(seed)
         point = nominal.amount if nominal is not None else None
-        return StudentRun(sid, strategy, kd, budget, point, runs / (reuse or sid), schedule or {}, reuse)
+        return StudentRun(
+            sid, strategy, kd, budget, point, runs / (reuse or sid), schedule or {}, reuse, seed
+        )
 
     if cfg["budget"]["schedule"] == "linear":
         return [
@@ -237,9 +270,10 @@ def run_train_config(cfg: dict, data_dir: Path, run: StudentRun, teacher: str | 
                      progress: bool = True) -> TrainConfig:  # fmt: skip
     """A student run's TrainConfig: its budget, schedule, and whether the teacher's forward
     passes are charged (``teacher_cost: free``: not)."""
+    seed = {"seed": cfg["seed"] + run.seed} if run.seed else {}  # seed 0: the TrainConfig as before
     return train_config(
         cfg, data_dir, run.strategy, budget=run.budget.exact_text(), out=run.run_dir, teacher=teacher,
-        progress=progress, **run.schedule, charge_teacher=not run.kd or charge["charge_forward"],
+        progress=progress, **run.schedule, **seed, charge_teacher=not run.kd or charge["charge_forward"],
     )  # fmt: skip
 
 
@@ -302,8 +336,8 @@ def expand_forced(cfg: dict, force: list[str]) -> set[str]:
         forced |= {f"{kind}:{x}" for kind in ("pretrain", "glue") for x in labels}
     wsd = cfg["budget"].get("schedule") == "wsd"
     for sid in ids:
-        label = sid.split("@")[0]
-        if "@" not in sid:
+        label = base_id(sid)[0].split("@")[0]
+        if sid == label:
             continue
         if f"pretrain:{label}" in forced or (wsd and any(f.startswith(f"pretrain:{label}@") for f in forced)):
             forced |= {f"pretrain:{sid}", f"glue:{sid}"}

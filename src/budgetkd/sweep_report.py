@@ -60,6 +60,24 @@ def read_sweep(out: Path) -> dict:
     return read_json(path, "sweep record")
 
 
+def _point_row(out: Path, students: dict, sid: str, seeds: list[int]) -> dict:
+    """The table row of student ``sid`` (seed 0's id) at its point: its own run, or with several
+    pretraining seeds the row over its runs ``sid~sK`` (report.merge_units)."""
+    from budgetkd import report
+    from budgetkd.stages import seed_suffix
+
+    def unit(run_id: str) -> dict:
+        st = students[run_id]
+        return report.collect_row(
+            run_id, st["strategy"], Path(st["run"]), out / "glue" / run_id / "glue.json"
+        )
+
+    if seeds == [0]:
+        return unit(sid)
+    present = [k for k in seeds if sid + seed_suffix(k) in students]
+    return report.merge_units([unit(sid + seed_suffix(k)) for k in present], present)
+
+
 def long_rows(out: Path, sweep: dict) -> list[dict]:
     """One row per (student, task, metric, seed) of the best configuration of every task.
 
@@ -92,6 +110,7 @@ def long_rows(out: Path, sweep: dict) -> list[dict]:
                             "value": value,
                             "seed": run["seed"],
                         }
+                        | ({"pretrain_seed": student["pretrain_seed"]} if "pretrain_seed" in student else {})
                     )
     return rows
 
@@ -99,6 +118,9 @@ def long_rows(out: Path, sweep: dict) -> list[dict]:
 def render_long_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     fields = ["strategy", "budget", "currency", "point", "task", "metric", "value", "seed", "trained_budget"]
+    if any("pretrain_seed" in row for row in rows):  # pretrain_seeds: which run (0 where unmarked)
+        fields.append("pretrain_seed")
+        rows = [{"pretrain_seed": 0} | row for row in rows]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -396,14 +418,17 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     teacher_note = report.teacher_preparation_note(
         report.read_teacher_preparation(out), sweep.get("teacher_cost")
     )
-    for tag in sweep["points"]:
-        ids = [sid for sid, st in students.items() if st["tag"] == tag]
-        rows = [
-            report.collect_row(
-                sid, students[sid]["strategy"], Path(students[sid]["run"]), out / "glue" / sid / "glue.json"
-            )
-            for sid in ids
+    seeds = sorted({st.get("pretrain_seed", 0) for st in students.values()})
+    if len(seeds) > 1:
+        sections += [
+            f"Pretraining seeds: {len(seeds)} runs per strategy and point; every Avg and Δ is the mean over "
+            "them, and every Δ and crossover interval is over pretraining seeds, fine-tuning seeds and dev "
+            "examples (the two-level bootstrap of table.md; paired across points on the pretraining-seed index).",
+            "",
         ]
+    for tag in sweep["points"]:
+        ids = [sid for sid, st in students.items() if st["tag"] == tag and not st.get("pretrain_seed")]
+        rows = [_point_row(out, students, sid, seeds) for sid in ids]
         data = {"rows": rows, "setup": setup}
         table = report.build_table(data, settings)
         averaged.update(k for trow in table["rows"] for k in trow["avg_tasks"])
@@ -419,7 +444,9 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         sections += _compact_table(table)
         base = next((r for r in rows if r["strategy"] == "none"), None)
         base_limited = any(t["data_limited"] for t in table["rows"] if t["is_base"])
-        boot = report.paired_bootstrap(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
+        seeded = any(r.get("units") for r in rows)  # pretrain_seeds: the two-level bootstrap
+        resample = report.hierarchical_bootstrap if seeded else report.paired_bootstrap
+        boot = resample(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
         rng = np.random.default_rng(settings.bootstrap_seed)
         for row, trow in zip(rows, table["rows"]):
             label = students[row["label"]]["label"]
