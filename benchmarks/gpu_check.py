@@ -18,6 +18,7 @@ agreement checks is then the CPU in float64 instead of the CPU in fp32):
 - ``bf16:<strategy>``: bf16 autocast against fp32 on the device (≤ ``BF16_RTOL``; GPU only);
 - ``accum``: 4 micro-batches of B/4 against one batch of B (≤ ``ACCUM_RTOL``, losses and weights);
 - ``ddp-1-rank``: DDP over a process group of one (gloo on CPU, NCCL on GPU) against plain;
+- ``prefetcher``: the background prefetcher (pinned on CUDA) gives the synchronous batches;
 - ``resume``: a run killed after a checkpoint and resumed ends with the uninterrupted run's weights
   (real loop, dropout on);
 - ``glue``: stacked against separate fine-tuning on a synthetic task (dropout off: per-step
@@ -347,6 +348,29 @@ def check_ddp(ctx) -> dict:
     return {"ok": diff <= 1e-5, "figure": f"{backend}: max rel loss diff {diff:.1e}, weights {weights:.1e}"}
 
 
+def check_prefetcher(ctx) -> dict:
+    """The background prefetcher (pinned memory on CUDA) hands out exactly the synchronous batches."""
+    from budgetkd.data import MaskingConfig, PackedData, StepBatches
+    from budgetkd.distributed import Prefetcher
+
+    data = PackedData(ctx.small_data)
+    masking = MaskingConfig(vocab_size=data.vocab_size, mask_id=4, special_ids=(0, 1, 2, 3, 4))
+    batches = StepBatches(
+        data, batch_size=ctx.small_batch, micro_batch_size=ctx.small_batch // 2, data_seed=0, mask_seed=0,
+        masking=masking,
+    )  # fmt: skip
+    pinned = True
+    with Prefetcher(batches, start_step=0, pin=ctx.device.type == "cuda") as prefetcher:
+        for step in range(6):
+            for a, b in zip(prefetcher.get(step), batches.micro_batches(step)):
+                for name in ("input_ids", "attention_mask", "labels", "positions"):
+                    if not torch.equal(getattr(a, name), getattr(b, name)):
+                        return {"ok": False, "figure": f"step {step}: {name} differs"}
+                pinned = pinned and (a.input_ids.is_pinned() and a.positions.is_pinned())
+    cuda = ctx.device.type == "cuda"
+    return {"ok": pinned or not cuda, "figure": f"6 steps equal; pinned {pinned if cuda else 'n/a (CPU)'}"}
+
+
 def check_resume(ctx) -> dict:
     from budgetkd.train import Pretrainer
 
@@ -657,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     checks += [(f"agree:{s}", lambda s=s: check_agree(ctx, s), 40) for s in STRATEGIES]
     checks += [(f"bf16:{s}", lambda s=s: check_bf16(ctx, s), 30) for s in ("none", "minilm")]
     checks += [("accum", lambda: check_accum(ctx), 40), ("ddp-1-rank", lambda: check_ddp(ctx), 40)]
-    checks += [("resume", lambda: check_resume(ctx), 60)]
+    checks += [("prefetcher", lambda: check_prefetcher(ctx), 20), ("resume", lambda: check_resume(ctx), 60)]
     # the throughput shapes last: the correctness checks above are small and fast
     checks += [(f"throughput:{s}", lambda s=s: check_throughput(ctx, s), 75) for s in ("none", "minilm")]
     checks += [("glue", lambda: check_glue(ctx), 60)]

@@ -36,3 +36,24 @@ def test_step_losses_equal_the_recorded_ones(recorded, strategy):
 
 def _close(new: float, old: float) -> bool:
     return abs(new - old) <= 1e-6 and abs(new - old) <= 1e-6 * abs(old)
+
+
+def test_the_dependency_says_transformers_5_which_the_shortened_forward_needs():
+    """The partial forward (MiniLM, MiniLMv2) calls ``masking_utils.create_bidirectional_mask``
+    positionally (its embeddings keyword changed name within 5.x) and expects ``BertLayer`` to
+    return a tensor: transformers 5 only, and pyproject.toml says so."""
+    import inspect
+    import re
+
+    import transformers
+    from transformers.masking_utils import create_bidirectional_mask
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"transformers>=5(\.\d+)*"', text)
+    assert int(transformers.__version__.split(".")[0]) >= 5
+    first = list(inspect.signature(create_bidirectional_mask).parameters)[:3]
+    assert (
+        first[0] == "config"
+        and first[1] in ("input_embeds", "inputs_embeds")
+        and first[2] == "attention_mask"
+    )
