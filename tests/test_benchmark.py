@@ -170,7 +170,7 @@ def test_gpu_check_cpu_mode_runs_every_check_without_datasets(tmp_path):
 
     blocked = (
         "import runpy, sys; sys.modules['datasets'] = None; "
-        f"sys.argv = ['gpu_check.py', '--cpu', '--out', {str(tmp_path)!r}]; "
+        f"sys.argv = ['gpu_check.py', '--cpu', '--deadline-s', '1500', '--out', {str(tmp_path)!r}]; "
         f"runpy.run_path({str(GPU_CHECK)!r}, run_name='__main__')"
     )
     env = {**subprocess_env(), "PYTHONPATH": str(GPU_CHECK.parents[1] / "src")}
