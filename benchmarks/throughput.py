@@ -37,7 +37,8 @@ speedup_error         speedup_vs_full / speedup_full_flops − 1
 model_flops_per_step  analytic FLOPs of one step (budgetkd's count; for hf the same conventions
                       with the dense head: 3 × (encoder + head at all B·L positions))
 achieved_flops_per_s  model_flops_per_step × steps / time
-utilisation           achieved_flops_per_s / the measured fp32 matrix-multiply peak (``--matmul-size``)
+utilisation           achieved_flops_per_s / the measured matrix-multiply peak (``--matmul-size``; fp32
+                      on the CPU, bf16 on CUDA)
 
 Usage::
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -177,7 +179,10 @@ def machine_load(window_s: float = 1.0) -> dict:
 
 def wait_until_quiet(threshold: float, max_wait_s: float, window_s: float = 2.0) -> float:
     """Wait (up to ``max_wait_s``) for a ``window_s`` window in which other processes used fewer
-    than ``threshold`` cores; returns the last window's figure."""
+    than ``threshold`` cores; returns the last window's figure. An infinite ``threshold`` (CUDA)
+    returns at once."""
+    if math.isinf(threshold):
+        return float("nan")
     deadline = time.perf_counter() + max_wait_s
     while True:
         other = OtherLoad()
@@ -189,9 +194,11 @@ def wait_until_quiet(threshold: float, max_wait_s: float, window_s: float = 2.0)
 
 
 def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 FLOP/s of a ``size``×``size`` matrix product on ``device``."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    """Best FLOP/s of a ``size``×``size`` matrix product on ``device``: fp32 on the CPU, bf16 on
+    CUDA (the precision budgetkd trains in there)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b)
     best = float("inf")
@@ -556,7 +563,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--eval-sequences", type=int, default=32, help="budgetkd's final evaluation (untimed)"
     )
-    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument(
+        "--matmul-size", type=int, default=None, help="the peak's matrix size (default 2048 CPU, 8192 CUDA)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the budgetkd run directories here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -572,8 +581,11 @@ def _dropout_label(dropout: float | None) -> str:
     return "BERT's 0.1" if dropout is None else f"{dropout:g}"
 
 
-def measure_rows(args, dropout: float | None, device: torch.device, base: Path) -> dict[str, dict]:
-    """Every row (``--repeats`` times, interleaved) at one student dropout; per-row medians."""
+def measure_rows(
+    args, dropout: float | None, device: torch.device, base: Path, on_row=None
+) -> dict[str, dict]:
+    """Every row (``--repeats`` times, interleaved) at one student dropout; per-row medians.
+    ``on_row(row, result)`` is called after every measured row (the JSON is written then)."""
     args = argparse.Namespace(**{**vars(args), "dropout": dropout})
     order = [r for r in ROW_ORDER if r in args.strategies]
     repeats: dict[str, list[dict]] = {r: [] for r in order}
@@ -602,6 +614,8 @@ def measure_rows(args, dropout: float | None, device: torch.device, base: Path) 
                     file=sys.stderr,
                 )
             repeats[row].append(best)
+            if on_row is not None:
+                on_row(row, best)
     return {r: _median_rows(repeats[r]) for r in order}
 
 
@@ -660,6 +674,18 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
+    if device.type == "cuda":
+        # /proc's 10 ms ticks cannot judge 10-40 ms GPU steps, and other processes' CPU use does
+        # not slow a GPU step much: no waiting, no retries, every timed step counts
+        args.max_other_cores, args.quiet_wait_s, args.retries = math.inf, 0.0, 0
+    if args.matmul_size is None:
+        args.matmul_size = 8192 if device.type == "cuda" else 2048
+    partial: list[dict] = []
+
+    def write_partial(row: str, result: dict) -> None:
+        partial.append({"row": row, **result})
+        _write_json(args, {"partial": True, "rows_measured": partial, "device": str(device)})
+
     load_before = machine_load()
     print(
         f"machine load before: loadavg {load_before['loadavg_1_5_15']}, other processes using "
@@ -676,7 +702,7 @@ def main(argv=None) -> int:
             base = args.work_dir
             base.mkdir(parents=True, exist_ok=True)
         for dropout in args.dropout:
-            measured.append((dropout, measure_rows(args, dropout, device, base)))
+            measured.append((dropout, measure_rows(args, dropout, device, base, on_row=write_partial)))
     wait_until_quiet(args.max_other_cores, args.quiet_wait_s)
     peaks.append(matmul_peak(device, args.matmul_size))  # the best of both: a peak is a maximum
     peak = max(peaks)
@@ -691,7 +717,7 @@ def main(argv=None) -> int:
             print(format_checks(results))
         settings.append({"dropout": dropout, "rows": rows, "checks": results})
     print(
-        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s. quiet: timed steps counted (the others ran while "
+        f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul peak: {peak / 1e9:.1f} GFLOP/s. quiet: timed steps counted (the others ran while "
         "other processes were busy); others: cores other processes used (mean over the timed steps). "
         "T/S GFLOP/s: the teacher forward's and the student side's FLOP rates; adj pred: the FLOP "
         "prediction with the teacher's FLOPs at T and the student's at No-KD's rate (diagnostic)"
@@ -708,6 +734,7 @@ def main(argv=None) -> int:
             "matmul_peak_flops_per_s": peak,
             "matmul_peak_measurements": peaks,
             "matmul_size": args.matmul_size,
+            "matmul_dtype": "bf16" if device.type == "cuda" else "fp32",
             "device": str(device),
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
@@ -721,11 +748,18 @@ def main(argv=None) -> int:
         import transformers
 
         result["versions"]["transformers"] = transformers.__version__
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.json)
+        _write_json(args, result)
     return 0
+
+
+def _write_json(args, result: dict) -> None:
+    """Atomically (re)write ``--json``: after every row (``partial``), then the whole result."""
+    if not args.json:
+        return
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_name(f".{args.json.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,40 @@ def test_the_script_runs_every_row_at_two_dropout_settings(bench, data_dir, teac
         assert len(setting["checks"]) == 5
     printed = capsys.readouterr().out
     assert "student dropout 0.1 (every row)" in printed and "student dropout 0 (every row)" in printed
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_cpu_mode_runs_every_check_without_datasets(tmp_path):
+    """benchmarks/gpu_check.py --cpu (the rehearsal of the GPU check, small shapes) in a fresh
+    Python where ``import datasets`` fails, as on the GPU machine: every check PASSes or SKIPs,
+    each result is one JSON line, and the table is printed last."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    blocked = (
+        "import runpy, sys; sys.modules['datasets'] = None; "
+        f"sys.argv = ['gpu_check.py', '--cpu', '--deadline-s', '1500', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(GPU_CHECK)!r}, run_name='__main__')"
+    )
+    env = {**subprocess_env(), "PYTHONPATH": str(GPU_CHECK.parents[1] / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_check.json").read_text().splitlines()]
+    assert records[0]["environment"]["datasets_imported"] is False
+    checks = {r["check"]: r for r in records if "check" in r}
+    assert {"learn", "accum", "ddp-1-rank", "resume", "glue", "throughput:minilm", "compile:minilm"} <= set(
+        checks
+    )
+    assert all(f"agree:{s}" in checks for s in ("none", "vanilla", "tinybert", "minilm", "minilmv2"))
+    assert {r["status"] for r in checks.values()} <= {"PASS", "SKIP"}, [
+        (n, r["figure"]) for n, r in checks.items() if r["status"] not in ("PASS", "SKIP")
+    ]
+    assert checks["bf16:none"]["status"] == "SKIP"  # a GPU-only check says so
+    tail = proc.stdout.strip().splitlines()
+    assert tail[-1].startswith("total") and any(line.startswith("compile:minilm") for line in tail[-5:])

@@ -221,6 +221,8 @@ class Prefetcher:
                 micro.input_ids = micro.input_ids.pin_memory()
                 micro.attention_mask = micro.attention_mask.pin_memory()
                 micro.labels = micro.labels.pin_memory()
+                if micro.positions is not None:
+                    micro.positions = micro.positions.pin_memory()
         return micro_batches
 
     def get(self, step: int):

@@ -439,9 +439,9 @@ def encode(
     from transformers.masking_utils import create_bidirectional_mask
 
     hidden = encoder.embeddings(input_ids=input_ids)
-    mask = create_bidirectional_mask(
-        config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
-    )
+    # positional: the embeddings' keyword is ``input_embeds`` in transformers 5.0, ``inputs_embeds``
+    # later; the order (config, embeddings, mask) is the same in every 5.x
+    mask = create_bidirectional_mask(encoder.config, hidden, attention_mask)
     for layer in layers[: depth.layers]:
         hidden = layer(hidden, mask)
     if depth.projections:

@@ -121,6 +121,21 @@ class MicroBatch:
     attention_mask: torch.Tensor  # [b, L], 1 = real token
     labels: torch.Tensor  # [b, L], −100 where nothing is predicted
     num_tokens: int  # real tokens
+    # flat indices (row-major) of the predicted positions, computed here on the host so that the
+    # step needs no ``nonzero()`` (a device sync) on the accelerator
+    positions: torch.Tensor | None = None
+
+    @property
+    def num_predicted(self) -> int:
+        if self.positions is not None:
+            return int(self.positions.numel())
+        return int((self.labels != -100).sum())
+
+    @property
+    def padded(self) -> bool:
+        """Whether any position is padding (packed pretraining rows have none: the encoder then
+        runs without an attention mask)."""
+        return self.num_tokens != self.input_ids.numel()
 
 
 class StepBatches:
@@ -179,7 +194,8 @@ class StepBatches:
         out = []
         for start in range(lo, lo + self.per_rank, self.micro_batch_size):
             sl = slice(start, start + self.micro_batch_size)
-            out.append(MicroBatch(masked[sl], attention[sl], labels[sl], int(attention[sl].sum())))
+            positions = (labels[sl].reshape(-1) != -100).nonzero().squeeze(1)
+            out.append(MicroBatch(masked[sl], attention[sl], labels[sl], int(attention[sl].sum()), positions))
         return out
 
     def global_tokens(self, step: int) -> int:

@@ -108,6 +108,11 @@ def build_batches(cfg, data: PackedData, data_seed: int, mask_seed: int, rank: i
 
 def build_module(student: nn.Module, strategy: Strategy, teacher, device: torch.device, compile: bool):
     """(TrainModule, the module the loop calls — DDP-wrapped under torchrun —, TeacherRunner or None)."""
+    if device.type == "cuda":
+        # TF32 for what still runs in fp32 on the GPU (outside bf16 autocast: the losses' fp32
+        # products, fp32 matmuls a user adds); a process-wide setting, CUDA only — CPU untouched
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     module = TrainModule(student, strategy).to(device)
     model = dist_utils.wrap_ddp(
         module,

@@ -33,16 +33,31 @@ class TrainModule(nn.Module):
         self.depth: Depth = strategy.student_depth()
         self.encode = _encoder(student.bert, self.depth)
 
-    def forward(self, input_ids, attention_mask, labels, teacher_out: dict, teacher_logits):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        teacher_out: dict,
+        teacher_logits,
+        positions: torch.Tensor | None = None,
+        padded: bool = True,
+    ):
+        """The strategy's loss and its components. ``positions``: the flat predicted positions
+        (from the data loader; computed here when None — a ``nonzero()``, a host sync on a GPU);
+        ``padded=False``: the batch has no padding and the encoder runs without a mask (the
+        losses still get ``attention_mask``)."""
         self.capture.clear()
-        hidden = self.encode(input_ids, attention_mask)
-        positions = predicted_positions(labels)
-        student_logits = (
-            sparse_mlm_logits(self.student, hidden, positions) if self.strategy.needs_student_logits else None
-        )
+        hidden = self.encode(input_ids, attention_mask if padded else None)
+        student_logits, targets = None, labels.new_empty(0)
+        if self.strategy.needs_student_logits:  # TinyBERT and MiniLM read no logits: no positions
+            if positions is None:
+                positions = predicted_positions(labels)
+            student_logits = sparse_mlm_logits(self.student, hidden, positions)
+            targets = labels.reshape(-1).index_select(0, positions)
         inputs = StepInputs(
             attention_mask=attention_mask,
-            labels=labels.reshape(-1).index_select(0, positions),
+            labels=targets,
             student=self.capture.values,
             teacher=teacher_out,
             student_logits=student_logits,
@@ -56,7 +71,7 @@ class TrainModule(nn.Module):
 def _encoder(encoder: nn.Module, depth: Depth):
     """``encode`` bound to one encoder and depth: the unit that ``compile: true`` compiles."""
 
-    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return encode(encoder, input_ids, attention_mask, depth)
 
     return run
@@ -66,11 +81,14 @@ class TeacherRunner:
     """Runs the frozen teacher in eval mode under ``torch.inference_mode`` (bf16 on CUDA) and
     returns the captured internals (and sparse logits) as ordinary tensors."""
 
-    def __init__(self, teacher, strategy: Strategy, device: torch.device):
+    def __init__(self, teacher, strategy: Strategy, device: torch.device, bf16: bool | None = None):
         self.teacher = teacher
         self.strategy = strategy
         self.device = device
-        if device.type == "cuda":
+        # bf16 on CUDA (the training precision); ``bf16=False`` keeps fp32 (benchmarks/gpu_check.py
+        # compares the CPU and the GPU in fp32)
+        self.bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
+        if self.bf16:
             # The forward runs under bf16 autocast, which re-casts every fp32 weight at every call
             # (its cast cache keeps only tensors that require grad). Casting the Linear layers once
             # gives bitwise the same outputs (autocast casts them to exactly these values) without
@@ -85,13 +103,18 @@ class TeacherRunner:
         self.depth: Depth = strategy.teacher_depth()
         self.encode = _encoder(teacher.encoder, self.depth)
 
-    def __call__(self, input_ids, attention_mask, labels) -> tuple[dict, torch.Tensor | None]:
+    def __call__(
+        self, input_ids, attention_mask, labels, positions: torch.Tensor | None = None, padded: bool = True
+    ) -> tuple[dict, torch.Tensor | None]:
         self.capture.clear()
-        with torch.inference_mode(), training_precision(self.device):
-            hidden = self.encode(input_ids, attention_mask)
+        precision = training_precision(self.device) if self.bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), precision:
+            hidden = self.encode(input_ids, attention_mask if padded else None)
             logits = None
             if self.strategy.needs_teacher_logits:
-                logits = sparse_mlm_logits(self.teacher.model, hidden, predicted_positions(labels))
+                if positions is None:
+                    positions = predicted_positions(labels)
+                logits = sparse_mlm_logits(self.teacher.model, hidden, positions)
         # Inference tensors cannot be saved for the student's backward; a clone outside
         # inference mode is an ordinary tensor (and stays detached from any graph).
         values = {key: value.clone() for key, value in self.capture.values.items()}
@@ -117,25 +140,57 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _global_counts(micro_batches: list, device: torch.device) -> tuple[float, float]:
-    """(predicted tokens, tokens) of the *global* batch, summed over every rank's micro-batches."""
+    """(predicted tokens, tokens) of the *global* batch, summed over every rank's micro-batches
+    (host counts from the data loader: no device read)."""
     counts = torch.tensor(
-        [
-            sum(int((m.labels != -100).sum()) for m in micro_batches),
-            sum(m.num_tokens for m in micro_batches),
-        ],
+        [sum(m.num_predicted for m in micro_batches), sum(m.num_tokens for m in micro_batches)],
         dtype=torch.float64,
     )
     counts = dist_utils.all_reduce_sum(counts, device)
     return float(counts[0]), float(counts[1])
 
 
-def _sum_over_ranks(total: float, parts: dict[str, float], device: torch.device) -> tuple[float, dict]:
+def _read_over_ranks(
+    total: torch.Tensor, parts: dict[str, torch.Tensor], device: torch.device
+) -> tuple[float, dict]:
     """Each rank holds its share of the global mean; the sum over ranks is the global value, for
-    the total and for every component alike (issue 13 item 7)."""
+    the total and for every component alike (issue 13 item 7). One device read per step: the
+    values stay on the device (float64) until here."""
     names = sorted(parts)
-    totals = torch.tensor([total, *(parts[k] for k in names)], dtype=torch.float64)
-    totals = dist_utils.all_reduce_sum(totals, device)
-    return float(totals[0]), {name: float(value) for name, value in zip(names, totals[1:])}
+    totals = torch.stack([total, *(parts[k] for k in names)])
+    values = dist_utils.all_reduce_sum(totals, device).tolist()
+    return values[0], dict(zip(names, values[1:]))
+
+
+class _TeacherTimer:
+    """Seconds the teacher's forwards took: CUDA events on a GPU (read once, after the step's loss
+    is read, so nothing waits for them), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float]):
+        self.cuda = device.type == "cuda"
+        self.clock = clock
+        self.seconds = 0.0
+        self.events: list = []
+
+    @contextlib.contextmanager
+    def timing(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = self.clock()
+            yield
+            self.seconds += self.clock() - t0
+
+    def total(self) -> float:
+        for start, end in self.events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000.0
+        self.events.clear()
+        return self.seconds
 
 
 def accumulate_gradients(
@@ -154,43 +209,59 @@ def accumulate_gradients(
 
     Each micro-batch's loss is weighted by its share of the *global* batch (predicted tokens, or
     tokens, per ``normalizer``), so the gradient does not depend on how the batch is cut into
-    micro-batches or processes (exact for mean-over-predicted-token losses)."""
+    micro-batches or processes (exact for mean-over-predicted-token losses).
+
+    No host sync inside a micro-step: counts and predicted positions come from the data loader,
+    the losses are summed on the device (float64, as the host sum was) and read once at the end,
+    the teacher is timed with CUDA events, and a batch without padding runs without a mask."""
     global_predicted, global_tokens = _global_counts(micro_batches, device)
-    teacher_seconds = total_loss = 0.0
-    parts_sum: dict[str, float] = {}
+    timer = _TeacherTimer(device, clock)
+    total_loss: torch.Tensor | None = None
+    parts_sum: dict[str, torch.Tensor] = {}
     for index, micro in enumerate(micro_batches):
         input_ids = micro.input_ids.to(device, non_blocking=True)
         attention_mask = micro.attention_mask.to(device, non_blocking=True)
         labels = micro.labels.to(device, non_blocking=True)
+        positions = micro.positions.to(device, non_blocking=True) if micro.positions is not None else None
+        padded = micro.padded
         teacher_out, teacher_logits = {}, None
         if teacher_runner is not None:
-            t0 = clock()
-            teacher_out, teacher_logits = teacher_runner(input_ids, attention_mask, labels)
-            _synchronize(device)
-            teacher_seconds += clock() - t0
-        n_pred = int((micro.labels != -100).sum())
+            with timer.timing():
+                teacher_out, teacher_logits = teacher_runner(
+                    input_ids, attention_mask, labels, positions, padded
+                )
         share = (
-            n_pred / max(1.0, global_predicted)
+            micro.num_predicted / max(1.0, global_predicted)
             if normalizer == "predicted"
             else micro.num_tokens / max(1.0, global_tokens)
         )
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else dist_utils.no_sync(model):
             with autocast():
-                loss, parts = model(input_ids, attention_mask, labels, teacher_out, teacher_logits)
+                loss, parts = model(
+                    input_ids, attention_mask, labels, teacher_out, teacher_logits, positions, padded
+                )
             # DDP averages gradients over ranks; × world size turns that into the global sum.
             (loss * share * world_size).backward()
-        total_loss += float(loss.detach()) * share
+        weighted = loss.detach().double() * share
+        total_loss = weighted if total_loss is None else total_loss + weighted
         for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) * share
-    total_loss, parts_sum = _sum_over_ranks(total_loss, parts_sum, device)
-    return total_loss, parts_sum, teacher_seconds, global_predicted
+            value = torch.as_tensor(value, device=weighted.device).detach().double() * share
+            parts_sum[key] = parts_sum[key] + value if key in parts_sum else value
+    if total_loss is None:
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    loss_value, parts_values = _read_over_ranks(total_loss, parts_sum, device)
+    return loss_value, parts_values, timer.total(), global_predicted
 
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
-    """‖g‖₂ over every parameter's gradient (0 when there is none)."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    """‖g‖₂ over every parameter's gradient (0 when there is none), one fused (foreach) norm."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, foreach=grads[0].device.type == "cuda")
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def apply_update(
@@ -201,7 +272,8 @@ def apply_update(
     max_grad_norm: float,
 ) -> bool:
     """Clip (if ``max_grad_norm`` > 0), check the gradients, step the optimizer and clear the
-    gradients. Returns whether the update was applied (a non-finite loss or gradient never is)."""
+    gradients. Returns whether the update was applied (a non-finite loss or gradient never is).
+    The gradient norm (fused over every parameter) is the step's one read of the gradients."""
     finite = math.isfinite(loss)
     if finite:
         if max_grad_norm > 0:
