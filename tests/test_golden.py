@@ -8,6 +8,10 @@ schema/stages refactor) against today's. They are identical except for the chang
   forwards stop at the depth a loss reads (MiniLM, TinyBERT's last-layer maps), the tokens of a
   prepared dataset are counted (its rows are full: L, not L−1), ``teacher_cost: free`` does not
   charge the teacher's FLOPs, ``amortized`` takes 1/K off every KD budget without a sweep too;
+* a calibration's epochs budget trains ⌊E·N/B⌋ full batches (was ⌈E·N/B⌉), so a fresh calibrated
+  compare sets a smaller budget and the fingerprint of every student stage trained on it
+  (``pretrain:*``, which names the budget) differs; the calibration's own fingerprint does not, so
+  a 0.2 directory resumes with its calibration (and its students) as they were;
 * ``glue.unpad`` (default true) and ``glue --padded``: GLUE fine-tunes on packed batches;
 * ``pretrain --help``: the flags are generated from ``TrainConfig`` (same flags, the field
   descriptions as help); ``budgetkd --help`` lists the new ``schema`` command.
@@ -51,7 +55,13 @@ def test_every_shipped_config_resolves_as_before():
 
 
 def test_stage_fingerprints_are_unchanged_so_old_experiments_resume(tmp_path):
-    assert record.fingerprints(tmp_path) == golden("fingerprints")
+    now, old = record.fingerprints(tmp_path), golden("fingerprints")
+    assert set(now) == set(old)
+    # the calibrated budget changed (⌊N/B⌋ steps): only the students trained on it differ
+    assert now["pretrain:tinybert"] != old["pretrain:tinybert"]
+    assert {k: v for k, v in now.items() if k != "pretrain:tinybert"} == {
+        k: v for k, v in old.items() if k != "pretrain:tinybert"
+    }
 
 
 def test_every_invalid_config_is_still_refused_naming_its_key():

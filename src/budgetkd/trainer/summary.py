@@ -53,6 +53,8 @@ def run_summary(run: Any) -> dict:
         "student": run.arch.to_dict(),
         "parameters": sum(p.numel() for p in run.module.student.parameters()),
         "budget": budget.to_dict(),
+        # as configured: an epochs budget trains ⌊E·N/B⌋ full batches, recorded above as steps
+        "budget_requested": getattr(run, "budget_requested", budget).to_dict(),
         "budget_exhausted": meter.exhausted(budget),
         # "data limit": the data ran out first (max_epochs; with unlimited data the end of the
         # first epoch, SPEC §1) — the budget was not spent and the schedule never reached 0
