@@ -9,7 +9,6 @@ A valid configuration through the same harness does reach the tripwire, so the h
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import threading
 import time

@@ -357,7 +357,10 @@ def test_wsd_without_a_sweep_is_refused_when_calibrated(tmp_path, capfd):
     rc = main(["compare", str(_write(tmp_path, config)), "--out", str(out), "--dry-run"])
     captured = capfd.readouterr()
     assert_one_line_error(
-        rc, captured.out, captured.err, "budget.schedule: must be linear with budget.calibrate and no budget.sweep"
+        rc,
+        captured.out,
+        captured.err,
+        "budget.schedule: must be linear with budget.calibrate and no budget.sweep",
     )
     assert captured.err.rstrip().endswith("got 'wsd'")
     assert not out.exists()

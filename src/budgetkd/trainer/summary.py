@@ -39,6 +39,19 @@ def run_config(run: Any, resolved: dict) -> dict:
     }
 
 
+def training_rules(config: Any) -> dict:
+    """The rules a row of Table 2 must share with every other (SPEC §4, issue 20): schedule,
+    warm-up fraction, peak learning-rate rule and data setting (``fairness.json`` compares them)."""
+    return {
+        "schedule": config.schedule,
+        "warmup": config.warmup,
+        "lr_rule": "strategy default" if config.lr is None else "given",
+        "data_setting": "limited"
+        if config.max_epochs is None
+        else f"unlimited ({config.max_epochs:g} epoch)",
+    }
+
+
 def run_summary(run: Any) -> dict:
     """summary.json: strategy, budget, consumption in every currency, validation losses."""
     final = run.history[-1] if run.history else {}
@@ -60,6 +73,7 @@ def run_summary(run: Any) -> dict:
         # first epoch, SPEC §1) — the budget was not spent and the schedule never reached 0
         "stopped_by": "budget" if meter.exhausted(budget) else "data limit",
         "max_epochs": run.config.max_epochs,
+        "training_rules": training_rules(run.config),
         "mlm_head_trained": run.mlm_head_trained,
         "consumed": consumed,
         # what the budget was charged (teacher_cost free: the teacher's forward passes are not)
