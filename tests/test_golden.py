@@ -12,6 +12,8 @@ schema/stages refactor) against today's. They are identical except for the chang
   compare sets a smaller budget and the fingerprint of every student stage trained on it
   (``pretrain:*``, which names the budget) differs; the calibration's own fingerprint does not, so
   a 0.2 directory resumes with its calibration (and its students) as they were;
+* ``compare --allow-unfair`` and ``report --allow-unfair`` (issue 20): write a Table 2 whose rows
+  differ in a training rule, marked;
 * ``glue.unpad`` (default true) and ``glue --padded``: GLUE fine-tunes on packed batches;
 * ``pretrain --help``: the flags are generated from ``TrainConfig`` (same flags, the field
   descriptions as help); ``budgetkd --help`` lists the new ``schema`` command.
@@ -137,6 +139,9 @@ def test_help_is_unchanged_but_for_the_generated_pretrain_flags_and_the_schema_c
             assert now[command].replace("[--padded]", "") != old[command] and _flags(now[command]) == _flags(
                 old[command]
             ) | {"--padded"}
+        elif command in ("compare", "report"):  # … and --allow-unfair (issue 20)
+            assert "--allow-unfair" in now[command] and "--allow-unfair" not in old[command]
+            assert _flags(now[command]) == _flags(old[command]) | {"--allow-unfair"}
         elif command == "budgetkd":
             assert now[command].replace("schema", "") != "" and "schema" in now[command]
         else:
