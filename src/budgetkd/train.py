@@ -258,8 +258,11 @@ class Pretrainer:
         """Set ``data_limit_steps`` and refuse a budget the data cannot pay for
         (``accounting.check_data_limit``)."""
         cfg = self.config
+        # an epochs budget is checked as requested (E ≤ max_epochs), then trains ⌊E·N/B⌋ batches
+        requested = getattr(self, "budget_requested", self.budget)
+        requested = requested if requested.currency == "epochs" else self.budget
         self.data_limit_steps = accounting.check_data_limit(
-            self.budget, cfg.max_epochs, self.data.num_train, cfg.batch_size, self.seq_len, self.step_flops
+            requested, cfg.max_epochs, self.data.num_train, cfg.batch_size, self.seq_len, self.step_flops
         )
 
     def _start(self) -> None:
