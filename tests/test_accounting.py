@@ -360,15 +360,19 @@ def test_refusal_is_one_line_and_exit_2_before_anything_is_written(tiny_data_dir
 def test_epochs_budget_of_one_epoch_runs_to_its_end_under_the_data_limit(
     make_config, tiny_data_dir, tmp_path
 ):
-    """The calibration's one epoch: 12 steps (the last one crosses the boundary by 2 sequences,
-    as any epochs budget does), stopped by the budget, not by the data limit."""
+    """The calibration's one epoch: N = 190 training sequences in batches of 16 → ⌊190/16⌋ = 11
+    full batches (one rule with the data limit, SPEC §1: a 12th step would read 2 sequences of a
+    second epoch), stopped by the budget, not by the data limit."""
+    assert PackedData(tiny_data_dir).num_train == 190
     summary = pretrain(
         make_config(
             tmp_path / "run", data=str(tiny_data_dir), batch_size=16, budget="1epochs", max_epochs=1.0
         )
     )
-    assert summary["consumed"]["steps"] == 12
-    assert summary["stopped_by"] == "budget"
+    assert summary["consumed"]["steps"] == 11
+    assert summary["consumed"]["sequences"] == 176 <= 190
+    assert summary["stopped_by"] == "budget" and summary["budget_exhausted"] is True
+    assert summary["budget"]["text"] == "11steps" and summary["budget_requested"]["text"] == "1epochs"
 
 
 def _captured_stages(tmp_path, monkeypatch, config: dict) -> dict:

@@ -252,18 +252,18 @@ def test_flops_budget_stops_on_first_step_reaching_it(make_config, data_dir, tmp
 
 
 @pytest.mark.parametrize("epochs", ["1epochs", "0.5epochs"])
-def test_epochs_budget_stops_on_first_step_reaching_it(make_config, tiny_data_dir, tmp_path, epochs):
+def test_epochs_budget_trains_whole_batches_within_it(make_config, tiny_data_dir, tmp_path, epochs):
     n = PackedData(tiny_data_dir).num_train
     amount = float(epochs.removesuffix("epochs"))
     batch = 16
-    expected = math.ceil(amount * n / batch)  # first k with k·B/N ≥ amount
+    expected = math.floor(amount * n / batch)  # ⌊E·N/B⌋ full batches: the data limit's rule
     summary = pretrain(
         make_config(tmp_path / "run", data=str(tiny_data_dir), budget=epochs, batch_size=batch)
     )
     consumed = summary["consumed"]
     assert consumed["steps"] == expected
     assert consumed["epochs"] == pytest.approx(expected * batch / n, rel=1e-12)
-    assert (expected - 1) * batch / n < amount <= consumed["epochs"]
+    assert consumed["epochs"] <= amount < (expected + 1) * batch / n
 
 
 def test_max_epochs_data_limit_stops_before_crossing_it(make_config, tiny_data_dir, tmp_path):

@@ -192,7 +192,13 @@ def test_end_to_end_compare_writes_the_table_and_enforces_fairness(finished):
     for display in ("No-KD", "Vanilla-KD", "TinyBERT", "MiniLM", "MiniLMv2"):
         assert f"| {display} |" in table
     fairness = json.loads((out / "fairness.json").read_text())
-    assert fairness["ok"] is True
+    assert fairness["ok"] is True and fairness["differs"] == []
+    assert set(fairness["rules"]) == {"none", "vanilla", "tinybert", "minilm", "minilmv2"}
+    assert {json.dumps(r, sort_keys=True) for r in fairness["rules"].values()} == {
+        json.dumps(fairness["rules"]["none"], sort_keys=True)
+    }
+    assert fairness["rules"]["none"]["schedule"] == "linear"
+    assert fairness["rules"]["none"]["teacher_cost"] == "inference"
     summaries = {
         label: json.loads((out / "runs" / label / "summary.json").read_text())
         for label in ("none", "vanilla", "tinybert", "minilm", "minilmv2")

@@ -8,6 +8,12 @@ schema/stages refactor) against today's. They are identical except for the chang
   forwards stop at the depth a loss reads (MiniLM, TinyBERT's last-layer maps), the tokens of a
   prepared dataset are counted (its rows are full: L, not L−1), ``teacher_cost: free`` does not
   charge the teacher's FLOPs, ``amortized`` takes 1/K off every KD budget without a sweep too;
+* a calibration's epochs budget trains ⌊E·N/B⌋ full batches (was ⌈E·N/B⌉), so a fresh calibrated
+  compare sets a smaller budget and the fingerprint of every student stage trained on it
+  (``pretrain:*``, which names the budget) differs; the calibration's own fingerprint does not, so
+  a 0.2 directory resumes with its calibration (and its students) as they were;
+* ``compare --allow-unfair`` and ``report --allow-unfair`` (issue 20): write a Table 2 whose rows
+  differ in a training rule, marked;
 * ``glue.unpad`` (default true) and ``glue --padded``: GLUE fine-tunes on packed batches;
 * a GLUE stage's ``device_hours``: measured by ``--probe`` (``budgetkd.glue.probe``) or estimated
   from its FLOPs at the tasks' mean lengths (``plan.GLUE_UTILISATION``), no longer the 128-token
@@ -56,7 +62,13 @@ def test_every_shipped_config_resolves_as_before():
 
 
 def test_stage_fingerprints_are_unchanged_so_old_experiments_resume(tmp_path):
-    assert record.fingerprints(tmp_path) == golden("fingerprints")
+    now, old = record.fingerprints(tmp_path), golden("fingerprints")
+    assert set(now) == set(old)
+    # the calibrated budget changed (⌊N/B⌋ steps): only the students trained on it differ
+    assert now["pretrain:tinybert"] != old["pretrain:tinybert"]
+    assert {k: v for k, v in now.items() if k != "pretrain:tinybert"} == {
+        k: v for k, v in old.items() if k != "pretrain:tinybert"
+    }
 
 
 def test_every_invalid_config_is_still_refused_naming_its_key():
@@ -134,6 +146,9 @@ def test_help_is_unchanged_but_for_the_generated_pretrain_flags_and_the_schema_c
             ) | {"--padded"}
         elif command == "demo":  # the same flags; --config's help names demo-seeds too
             assert _flags(now[command]) == _flags(old[command]) and "demo-seeds" in now[command]
+        elif command in ("compare", "report"):  # … and --allow-unfair (issue 20)
+            assert "--allow-unfair" in now[command] and "--allow-unfair" not in old[command]
+            assert _flags(now[command]) == _flags(old[command]) | {"--allow-unfair"}
         elif command == "budgetkd":
             assert now[command].replace("schema", "") != "" and "schema" in now[command]
         else:

@@ -146,3 +146,32 @@ def encoder_only_teacher(teacher_dir, tmp_path_factory) -> Path:
     BertModel.from_pretrained(str(teacher_dir)).save_pretrained(out)
     AutoTokenizer.from_pretrained(str(teacher_dir)).save_pretrained(out)
     return out
+
+
+def test_the_x1_point_of_a_calibrated_sweep_trains_the_calibrations_steps(
+    tmp_path, tiny_data_dir, teacher_dir, monkeypatch
+):
+    """One data rule (issue 20, item 2): the calibration's one epoch of N = 190 sequences in
+    batches of 8 is ⌊190/8⌋ = 23 full batches, so No-KD's x1 point of a WSD FLOP sweep (its own
+    trunk, charged the calibration's FLOPs) trains exactly those 23 steps under unlimited data —
+    with ⌈190/8⌉ = 24 calibration steps it was refused ("at most 23 steps")."""
+    budget = {"calibrate": {"epochs": 1, "currency": "flops"}, "sweep": [0.5, 1], "schedule": "wsd"}
+    config = _config(tiny_data_dir, teacher_dir, budget=budget, strategies=["none", "tinybert"])
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        plan = dry_run(path, out)
+    from budgetkd.glue import pipeline
+
+    monkeypatch.setattr(pipeline, "plan_glue", lambda *a, **k: (_ for _ in ()).throw(StopBeforeGlue()))
+    with pytest.raises(StopBeforeGlue), contextlib.redirect_stdout(io.StringIO()):
+        compare(path, out, progress=False)
+    stages = {s["stage"]: s for s in plan["stages"]}
+    summary = {
+        name: json.loads((Path(stages[name]["dir"]) / "summary.json").read_text())
+        for name in ("calibrate", "pretrain:none@x1")
+    }
+    assert stages["calibrate"]["steps"] == stages["pretrain:none@x1"]["steps"] == 23
+    assert summary["calibrate"]["consumed"]["steps"] == summary["pretrain:none@x1"]["consumed"]["steps"] == 23
+    assert summary["pretrain:none@x1"]["stopped_by"] == "budget"

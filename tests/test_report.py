@@ -745,3 +745,75 @@ def test_the_glue_plot_draws_the_table_s_intervals_as_error_bars(tmp_path: Path,
         assert low < 100 * row["avg"] < high
         checked += 1
     assert checked == 2
+
+
+def _summary_with_rules(
+    schedule="linear", warmup=0.06, lr_rule="strategy default", data="unlimited (1 epoch)"
+):
+    rules = {"schedule": schedule, "warmup": warmup, "lr_rule": lr_rule, "data_setting": data}
+    return {"training_rules": rules}
+
+
+def test_fairness_records_each_rows_rules_and_names_the_differing_ones():
+    """Issue 20, item 1: No-KD linear at warm-up 0.06, MiniLM WSD at warm-up 0.1 (same LR rule
+    and data) → exactly schedule and warmup differ; teacher_cost is the experiment's one mode."""
+    from budgetkd.experiment import fairness_rules
+
+    summaries = {"none": _summary_with_rules(), "minilm": _summary_with_rules("wsd", 0.1)}
+    got = fairness_rules(summaries, "free")
+    assert got["differs"] == ["schedule", "warmup"]
+    assert got["rules"]["none"] == {
+        "schedule": "linear", "warmup": 0.06, "lr_rule": "strategy default",
+        "data_setting": "unlimited (1 epoch)", "teacher_cost": "free",
+    }  # fmt: skip
+    assert got["rules"]["minilm"]["schedule"] == "wsd" and got["rules"]["minilm"]["teacher_cost"] == "free"
+    same = fairness_rules({"none": _summary_with_rules(), "minilm": _summary_with_rules()}, "inference")
+    assert same["differs"] == []
+    # a summary of budgetkd ≤ 0.2 records no rules: None, which differs from a recorded value
+    old = fairness_rules({"none": {}, "minilm": _summary_with_rules()}, "inference")
+    assert old["differs"] == ["schedule", "warmup", "lr_rule", "data_setting"]
+
+
+def test_the_report_refuses_an_unfair_table_unless_allowed_and_then_marks_it(compare_dir: Path, capfd):
+    from test_cli_errors import assert_one_line_error
+
+    from budgetkd.cli import main
+
+    fairness = {
+        "rules": {
+            "none": {"schedule": "linear", "warmup": 0.06, "lr_rule": "strategy default",
+                     "data_setting": "limited", "teacher_cost": "inference"},
+            "vanilla": {"schedule": "wsd", "warmup": 0.06, "lr_rule": "given",
+                        "data_setting": "limited", "teacher_cost": "inference"},
+        },
+        "differs": ["schedule", "lr_rule"],
+        "ok": False,
+    }  # fmt: skip
+    (compare_dir / "fairness.json").write_text(json.dumps(fairness))
+    rc = main(["report", str(compare_dir)])
+    captured = capfd.readouterr()
+    assert_one_line_error(
+        rc,
+        captured.out,
+        captured.err,
+        "fairness.json: every row of Table 2 must train under one schedule rule",
+    )
+    assert "got none: linear, vanilla: wsd" in captured.err and "--allow-unfair" in captured.err
+    assert not (compare_dir / "table.md").exists()
+    assert main(["report", str(compare_dir), "--allow-unfair"]) == 0
+    mark = "UNFAIR (written with --allow-unfair): the rows differ in schedule, lr_rule (fairness.json)"
+    assert mark + "." in (compare_dir / "table.md").read_text()
+    caption = next(
+        line for line in (compare_dir / "table.tex").read_text().splitlines() if line.startswith(r"\caption{")
+    )
+    assert caption.startswith(
+        r"\caption{UNFAIR (written with --allow-unfair): the rows differ in schedule, lr\_rule"
+    )
+    with open(compare_dir / "table.csv") as handle:
+        assert {r["unfair"] for r in csv.DictReader(handle)} == {"schedule;lr_rule"}
+    # a fair record (or none, as in 0.2) writes an unmarked table
+    (compare_dir / "fairness.json").write_text(json.dumps({**fairness, "differs": [], "ok": True}))
+    assert main(["report", str(compare_dir)]) == 0
+    assert "UNFAIR" not in (compare_dir / "table.md").read_text()
+    with open(compare_dir / "table.csv") as handle:
+        assert {r["unfair"] for r in csv.DictReader(handle)} == {""}

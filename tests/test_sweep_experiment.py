@@ -341,3 +341,29 @@ def test_the_plan_takes_the_amortized_share_off_each_kd_point(tmp_path):
         batch = config["optimizer"]["batch_size"]
         assert none["steps"] == math.ceil(point / (none["flops_per_sequence"] * batch))
         assert kd["steps"] == math.ceil((point - 1e9) / (kd["flops_per_sequence"] * batch))  # 1/2 of 2e9 off
+
+
+def test_wsd_without_a_sweep_is_refused_when_calibrated(tmp_path, capfd):
+    """Issue 20, item 1: calibrated and without a sweep, the No-KD row is the calibration run
+    (linear schedule) while the KD rows would train WSD — refused at config load, exit 2, one line,
+    nothing written. WSD with a sweep, or with an explicit budget (every row WSD), is accepted."""
+    from test_cli_errors import assert_one_line_error
+
+    from budgetkd.cli import main
+
+    config = sweep_config()
+    del config["budget"]["sweep"]
+    out = tmp_path / "out"
+    rc = main(["compare", str(_write(tmp_path, config)), "--out", str(out), "--dry-run"])
+    captured = capfd.readouterr()
+    assert_one_line_error(
+        rc,
+        captured.out,
+        captured.err,
+        "budget.schedule: must be linear with budget.calibrate and no budget.sweep",
+    )
+    assert captured.err.rstrip().endswith("got 'wsd'")
+    assert not out.exists()
+    assert validate_experiment(sweep_config())["budget"]["schedule"] == "wsd"
+    explicit = sweep_config(**{"budget": {"explicit": "1e9flops", "schedule": "wsd"}})
+    assert validate_experiment(explicit)["budget"]["schedule"] == "wsd"

@@ -190,3 +190,23 @@ def learning_rate(peak_lr: float, budget_fraction: float, warmup: float = 0.06) 
     if warmup >= 1.0:
         return peak_lr
     return peak_lr * max(0.0, 1.0 - p) / (1.0 - warmup)
+
+
+def full_batches(epochs: float, num_train: int, batch_size: int) -> int:
+    """⌊epochs · N / B⌋: the full batches that fit in ``epochs`` of N sequences — the one data rule
+    of every run (SPEC §1): the data limit of ``max_epochs`` and the length of an epochs budget."""
+    return math.floor(epochs * num_train / batch_size + 1e-9)
+
+
+def in_steps(budget: Budget, num_train: int, batch_size: int) -> Budget:
+    """An epochs budget as the steps it trains, ⌊E · N / B⌋ full batches (the calibration's "one
+    epoch" reads no sequence of a second one); any other budget unchanged."""
+    if budget.currency != "epochs":
+        return budget
+    steps = full_batches(budget.amount, num_train, batch_size)
+    if steps < 1:
+        raise BudgetKDError(
+            f"budget {budget} is less than one full batch ({num_train} training sequences in batches of "
+            f"{batch_size})"
+        )
+    return Budget("steps", float(steps))

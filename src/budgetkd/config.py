@@ -271,6 +271,13 @@ class BudgetConfig(Section):
     def _one(self) -> BudgetConfig:
         if (self.calibrate is None) == (self.explicit is None):
             raise BudgetKDError("config key 'budget' needs exactly one of 'calibrate' and 'explicit'")
+        if self.schedule == "wsd" and self.calibrate is not None and self.sweep is None:
+            # the calibration run is the No-KD row and trains SPEC §3's linear schedule: the KD
+            # rows under WSD would be compared across two schedules (SPEC §4)
+            raise BudgetKDError(
+                "budget.schedule: must be linear with budget.calibrate and no budget.sweep (the "
+                "calibration run is the No-KD row, trained with the linear schedule), got 'wsd'"
+            )
         if (
             self.sweep is not None
             and self.calibrate is not None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -127,8 +128,16 @@ class Experiment:
     budgets and their TrainConfigs come from :mod:`budgetkd.stages` — the same derivation the
     dry-run plan prices."""
 
-    def __init__(self, cfg: dict, out: Path, force: list[str] | None = None, progress: bool = True):
+    def __init__(
+        self,
+        cfg: dict,
+        out: Path,
+        force: list[str] | None = None,
+        progress: bool = True,
+        allow_unfair: bool = False,
+    ):
         self.cfg = cfg
+        self.allow_unfair = allow_unfair
         self.out = out
         self.progress = progress
         self.is_main = dist_utils.rank() == 0
@@ -459,7 +468,7 @@ class Experiment:
 
             paths = write_sweep_report(self.out)
         else:
-            paths = write_report(self.out)
+            paths = write_report(self.out, allow_unfair=self.allow_unfair)
         self.book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})
         atomic_write_json(self.out / "fairness.json", fairness)
         self._say(f"done: {self.out / ('sweep.md' if sweep else 'table.md')}")
@@ -545,7 +554,8 @@ class Experiment:
         }
 
     def _check_fairness(self, summaries: dict[str, dict]) -> dict:
-        """SPEC §4: identical initial weights, data, data order and schedule shape, or refuse."""
+        """SPEC §4: identical initial weights, data, data order and schedule shape, or refuse; and
+        each row's training rules (``fairness_rules``), whose differences the report refuses."""
         checks = {}
         seeds = sorted({stages.base_id(label)[1] for label in summaries})  # pretrain_seeds: per seed
         for key in ("init_fingerprint", "data_fingerprint", "data_seed", "batch_size", "world_size"):
@@ -561,10 +571,30 @@ class Experiment:
                 )
         checks["peak_lr"] = {label: s.get("lr") for label, s in summaries.items()}
         checks["budget"] = {label: s["budget"]["text"] for label, s in summaries.items()}
-        checks["ok"] = True
+        checks.update(fairness_rules(summaries, self.cfg["teacher_cost"]["mode"]))
+        checks["ok"] = not checks["differs"]
         if self.is_main:
             atomic_write_json(self.out / "fairness.json", checks)
         return checks
+
+
+RULES = ("schedule", "warmup", "lr_rule", "data_setting", "teacher_cost")
+
+
+def fairness_rules(summaries: dict[str, dict], teacher_cost: str) -> dict:
+    """Each row's schedule, warm-up, peak-LR rule, data setting and teacher-cost mode, and the
+    ones that differ between rows: ``{"rules": {label: {…}}, "differs": [field, …]}``. A field
+    a summary does not record (a run of budgetkd ≤ 0.2) is None, and counts as differing only
+    against a recorded value."""
+    rules = {
+        label: {
+            **{k: (s.get("training_rules") or {}).get(k) for k in RULES[:-1]},
+            "teacher_cost": teacher_cost,
+        }
+        for label, s in summaries.items()
+    }
+    differs = [k for k in RULES if len({json.dumps(r[k]) for r in rules.values()}) > 1]
+    return {"rules": rules, "differs": differs}
 
 
 def _check_branch_point(run: stages.StudentRun) -> None:
@@ -595,6 +625,7 @@ def compare(
     force: list[str] | None = None,
     overrides=None,
     progress: bool = True,
+    allow_unfair: bool = False,
 ) -> dict:
     cfg = load_experiment(config_path, overrides)
     out = Path(out)
@@ -615,7 +646,7 @@ def compare(
 
             print(render_plan(plan), flush=True)
             write_plan(plan, out / "plan.json")
-        return Experiment(cfg, out, force=force, progress=progress).run()
+        return Experiment(cfg, out, force=force, progress=progress, allow_unfair=allow_unfair).run()
     finally:
         if lock is not None:
             lock.release()
@@ -733,6 +764,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--allow-unfair",
+        action="store_true",
+        help="write Table 2 even if its rows differ in schedule, warm-up, peak-LR rule, data setting or "
+        "teacher-cost mode (fairness.json); the table then says so",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -753,7 +790,13 @@ def run(args: argparse.Namespace) -> int:
             raise BudgetKDError(f"--{flag.replace('_', '-')} goes with --dry-run")
     dist_utils.init_if_launched()
     try:
-        compare(args.config, args.out, force=args.force, progress=not args.no_progress)
+        compare(
+            args.config,
+            args.out,
+            force=args.force,
+            progress=not args.no_progress,
+            allow_unfair=args.allow_unfair,
+        )
     finally:
         dist_utils.destroy()
     return 0

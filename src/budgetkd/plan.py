@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetkd import flops
+from budgetkd.budget import in_steps
 from budgetkd.errors import BudgetKDError
 
 MASK_PROBABILITY = 0.15  # MaskingConfig's default (SPEC §1)
@@ -774,7 +775,15 @@ class StepCosts:
 
 
 def _consumption(
-    run_budget, costs: StepCosts, cfg: dict, n_train, *, charge_teacher: bool, rate, tokens_per_seq
+    run_budget,
+    costs: StepCosts,
+    cfg: dict,
+    n_train,
+    *,
+    charge_teacher: bool,
+    rate,
+    tokens_per_seq,
+    whole_batches: bool = True,
 ):
     """What a run of ``run_budget`` consumes: the trainer's meter over the known step costs, or
     for a time budget the steps that the throughput buys (an estimate)."""
@@ -808,6 +817,8 @@ def _consumption(
         )
     if run_budget.currency == "epochs" and n_train is None:
         return None
+    if whole_batches:  # the trainer's rule: an epochs budget trains ⌊E·N/B⌋ full batches
+        run_budget = in_steps(run_budget, int(n_train), batch)
     consumption = stages.simulate_consumption(
         run_budget,
         batch,
@@ -1021,7 +1032,8 @@ def _run_entry(cfg, resolved, rates, run, charge, cal, budget_text) -> dict:
     if run.budget is not None:
         used = _consumption(run.budget, costs, cfg, resolved.data.train_sequences,
                             charge_teacher=not run.kd or charge["charge_forward"], rate=rates.get(label),
-                            tokens_per_seq=cfg["data"]["seq_len"] - 1)  # fmt: skip
+                            tokens_per_seq=cfg["data"]["seq_len"] - 1,
+                            whole_batches=run.schedule.get("schedule", "linear") != "wsd")  # fmt: skip
     seconds = None if used is None or rates.get(label) is None else used.tokens / rates[label]
     if (
         run.budget is not None

@@ -859,6 +859,7 @@ def table_notes(table: dict) -> list[str]:
         else ", ".join(COLUMN_BY_KEY[k].title for k in settings.avg_tasks)
     )
     notes = [
+        *([unfair_text(table["unfair"]) + "."] if table.get("unfair") else []),
         f"Setup: {setup_text(table.get('setup'))}.",
         "GLUE dev scores ×100 (MRPC F1, CoLA MCC, MNLI-m/-mm matched/mismatched accuracy, STS-B mean of "
         "Pearson and Spearman, else accuracy); – = not evaluated.",
@@ -1067,7 +1068,7 @@ def render_csv(table: dict) -> str:
     for column in table["columns"]:
         header += [column.key, f"{column.key}_std"]
     header += ["avg", "avg_tasks", "delta", "delta_low", "delta_high", "delta_tasks", "delta_interval"]
-    header += ["teacher_cost", "schedule", "data_setting"]
+    header += ["teacher_cost", "schedule", "data_setting", "unfair"]
     setup = table.get("setup") or {}
     writer.writerow(header)
     for row in table["rows"]:
@@ -1087,6 +1088,7 @@ def render_csv(table: dict) -> str:
             setup.get("teacher_cost"),
             setup.get("schedule"),
             setup.get("data_setting"),
+            ";".join(table.get("unfair") or []),
         ]
         writer.writerow(["" if v is None else v for v in line])
     return buffer.getvalue()
@@ -1107,6 +1109,8 @@ def _tex_escape(text: str) -> str:
 def render_tex(table: dict) -> str:
     avg, extra = table["avg_columns"], table["extra_columns"]
     caption = "Knowledge distillation vs. pretraining from scratch under one compute budget; "
+    if table.get("unfair"):
+        caption = unfair_text(table["unfair"]) + "; " + caption
     lines = [
         r"\begin{table}",
         r"\centering",
@@ -1346,12 +1350,36 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     return paths
 
 
+def unfair_text(fields: list[str]) -> str:
+    return f"UNFAIR (written with --allow-unfair): the rows differ in {', '.join(fields)} (fairness.json)"
+
+
+def unfair_fields(out: Path, allow_unfair: bool) -> list[str] | None:
+    """The training rules (schedule, warm-up, peak-LR rule, data setting, teacher-cost mode) in
+    which ``fairness.json``'s rows differ; refuse them unless ``allow_unfair`` (SPEC §4)."""
+    path = out / "fairness.json"
+    if not path.is_file():
+        return None
+    fairness = read_json(path, "fairness record")
+    differs = list(fairness.get("differs") or [])
+    if differs and not allow_unfair:
+        rules = fairness.get("rules") or {}
+        first = differs[0]
+        values = ", ".join(f"{label}: {r.get(first)}" for label, r in rules.items())
+        raise BudgetKDError(
+            f"fairness.json: every row of Table 2 must train under one {first} rule, got {values} "
+            f"(differing: {', '.join(differs)}); pass --allow-unfair to write it marked unfair"
+        )
+    return differs or None
+
+
 def write_report(
     out: str | Path,
     *,
     avg_tasks=None,
     bootstrap_samples: int | None = None,
     bootstrap_seed: int | None = None,
+    allow_unfair: bool = False,
 ) -> list[Path]:
     """Write every report file of a compare directory; return their paths. Settings not given
     come from the experiment config's ``report`` mapping, else the defaults (:func:`resolve_settings`)."""
@@ -1361,8 +1389,10 @@ def write_report(
     settings = resolve_settings(
         out, avg_tasks=avg_tasks, bootstrap_samples=bootstrap_samples, bootstrap_seed=bootstrap_seed
     )
+    unfair = unfair_fields(out, allow_unfair)
     data = collect(out)
     table = build_table(data, settings)
+    table["unfair"] = unfair
     charge = read_teacher_charge(out)
     budgets = budget_rows(data, charge)
     note = teacher_preparation_note(read_teacher_preparation(out), charge)
@@ -1399,6 +1429,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seed of the bootstrap RNG (default {BOOTSTRAP_SEED})",
     )
+    parser.add_argument(
+        "--allow-unfair",
+        action="store_true",
+        help="write Table 2 even if its rows differ in schedule, warm-up, peak-LR rule, data setting or "
+        "teacher-cost mode (fairness.json); the table then says so",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1407,6 +1443,7 @@ def run(args: argparse.Namespace) -> int:
         avg_tasks=args.avg_tasks,
         bootstrap_samples=args.bootstrap_samples,
         bootstrap_seed=args.bootstrap_seed,
+        allow_unfair=args.allow_unfair,
     )
     print("\n".join(str(p) for p in paths))
     return 0

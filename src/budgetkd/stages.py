@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from budgetkd.budget import Budget, Meter
+from budgetkd.budget import Budget, Meter, full_batches
 from budgetkd.config import TrainConfig
 from budgetkd.errors import BudgetKDError
 
@@ -414,4 +414,4 @@ def data_limit_steps(
     ⌊max_epochs · N / B⌋ full batches (SPEC §1); an epochs budget within the limit is its own limit."""
     if max_epochs_ is None or budget.currency == "epochs":
         return None
-    return math.floor(max_epochs_ * num_train / batch_size + 1e-9)
+    return full_batches(max_epochs_, num_train, batch_size)

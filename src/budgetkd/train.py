@@ -26,7 +26,7 @@ import torch
 
 from budgetkd import distributed as dist_utils
 from budgetkd import flops
-from budgetkd.budget import Budget, Meter, learning_rate
+from budgetkd.budget import Budget, Meter, in_steps, learning_rate
 from budgetkd.config import TrainConfig
 from budgetkd.errors import BudgetKDError
 from budgetkd.io import atomic_torch_save, atomic_write_json, locked, read_json, sha256_json
@@ -201,7 +201,7 @@ class Pretrainer:
         """Build everything the run needs (``budgetkd.trainer.setup``), refusing a configuration
         that cannot run before any compute."""
         cfg = self.config
-        self.budget = Budget.parse(cfg.budget)
+        self.budget_requested = self.budget = Budget.parse(cfg.budget)
         self.strategy_cls = get_strategy(cfg.strategy)
         self.wsd = (
             wsd_schedule(
@@ -220,6 +220,8 @@ class Pretrainer:
         self.arch = resolve_architecture(cfg.student)
         self.device = _select_device(cfg.device)
         self.data, self.tokenizer = open_data(cfg.data)
+        if self.wsd is None:  # one data rule (SPEC §1): an epochs budget is ⌊E·N/B⌋ full batches
+            self.budget = in_steps(self.budget_requested, self.data.num_train, cfg.batch_size)
         self.seq_len = self.data.seq_len
         self.lr = cfg.lr if cfg.lr is not None else self.strategy_cls.default_lr
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
@@ -256,8 +258,11 @@ class Pretrainer:
         """Set ``data_limit_steps`` and refuse a budget the data cannot pay for
         (``accounting.check_data_limit``)."""
         cfg = self.config
+        # an epochs budget is checked as requested (E ≤ max_epochs), then trains ⌊E·N/B⌋ batches
+        requested = getattr(self, "budget_requested", self.budget)
+        requested = requested if requested.currency == "epochs" else self.budget
         self.data_limit_steps = accounting.check_data_limit(
-            self.budget, cfg.max_epochs, self.data.num_train, cfg.batch_size, self.seq_len, self.step_flops
+            requested, cfg.max_epochs, self.data.num_train, cfg.batch_size, self.seq_len, self.step_flops
         )
 
     def _start(self) -> None:

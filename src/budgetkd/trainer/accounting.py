@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from budgetkd import flops
-from budgetkd.budget import Budget, Meter
+from budgetkd.budget import Budget, Meter, full_batches
 from budgetkd.errors import BudgetKDError
 from budgetkd.strategies import Strategy
 from budgetkd.sweep import check_decay_fraction, wsd_learning_rate
@@ -96,9 +96,9 @@ def check_data_limit(
     data limit with its learning rate never decayed).
 
     The loop stops before the step that would cross ``max_epochs``: at most
-    S = ⌊max_epochs · N / batch⌋ steps. The one exception is an epochs budget of at most
-    ``max_epochs``: it is itself a data limit, and its last step reaches past the epoch boundary by
-    less than a batch as every epochs budget does (the calibration's "one epoch"). Tokens are
+    S = ⌊max_epochs · N / batch⌋ steps. An epochs budget E ≤ ``max_epochs`` is itself a data limit:
+    the trainer runs it as ⌊E · N / batch⌋ full batches (``budget.in_steps``), the same rule, so the
+    calibration's "one epoch" reads no sequence of a second one. Tokens are
     bounded by S·batch·L. FLOPs are exact when no MLM head runs; with one, the predicted count of
     those S steps is bounded by 0.15·T + 6·√(0.15·0.85·T), T = S·batch·L (binomial masking, six
     standard deviations), so a refused budget certainly needs more data, and one just below the
@@ -114,7 +114,7 @@ def check_data_limit(
                 budget, max_epochs, "(max_epochs; data_setting: unlimited never repeats the corpus) "
             )
         return None
-    max_steps = math.floor(max_epochs * num_train / batch_size + 1e-9)
+    max_steps = full_batches(max_epochs, num_train, batch_size)
     max_tokens = max_steps * batch_size * seq_len
     if currency == "steps":
         capacity = float(max_steps)

@@ -39,6 +39,19 @@ def run_config(run: Any, resolved: dict) -> dict:
     }
 
 
+def training_rules(config: Any) -> dict:
+    """The rules a row of Table 2 must share with every other (SPEC §4, issue 20): schedule,
+    warm-up fraction, peak learning-rate rule and data setting (``fairness.json`` compares them)."""
+    return {
+        "schedule": config.schedule,
+        "warmup": config.warmup,
+        "lr_rule": "strategy default" if config.lr is None else "given",
+        "data_setting": "limited"
+        if config.max_epochs is None
+        else f"unlimited ({config.max_epochs:g} epoch)",
+    }
+
+
 def run_summary(run: Any) -> dict:
     """summary.json: strategy, budget, consumption in every currency, validation losses."""
     final = run.history[-1] if run.history else {}
@@ -53,11 +66,14 @@ def run_summary(run: Any) -> dict:
         "student": run.arch.to_dict(),
         "parameters": sum(p.numel() for p in run.module.student.parameters()),
         "budget": budget.to_dict(),
+        # as configured: an epochs budget trains ⌊E·N/B⌋ full batches, recorded above as steps
+        "budget_requested": getattr(run, "budget_requested", budget).to_dict(),
         "budget_exhausted": meter.exhausted(budget),
         # "data limit": the data ran out first (max_epochs; with unlimited data the end of the
         # first epoch, SPEC §1) — the budget was not spent and the schedule never reached 0
         "stopped_by": "budget" if meter.exhausted(budget) else "data limit",
         "max_epochs": run.config.max_epochs,
+        "training_rules": training_rules(run.config),
         "mlm_head_trained": run.mlm_head_trained,
         "consumed": consumed,
         # what the budget was charged (teacher_cost free: the teacher's forward passes are not)
