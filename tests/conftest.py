@@ -29,6 +29,7 @@ OUR_MODULES = {
     "test_cli_errors",
     "test_benchmark",
     "test_sweep",
+    "test_pretrain_seeds",
 }
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

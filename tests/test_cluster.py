@@ -218,7 +218,7 @@ def paper_config_at_cpu_scale(teacher_dir: Path) -> dict:
     )
     config["teacher"] = {"path": str(teacher_dir)}
     config["student"] = {"layers": 1, "hidden": 32, "heads": 4, "intermediate": 64}
-    config["budget"]["calibrate"].update(epochs=0.1, currency="flops")
+    config["budget"]["calibrate"].update(epochs=0.2, currency="flops")
     config["optimizer"].update(batch_size=16, micro_batch_size=8)
     config["training"].update(
         num_evals=1, eval_sequences=16, dropout=0.0, checkpoint_interval_s=0, device="cpu"

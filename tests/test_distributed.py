@@ -506,7 +506,7 @@ def test_compare_under_torchrun_matches_one_process(tmp_path):
         "teacher": {"pretrain": {"student": TEACHER, "budget": "4steps", "batch_size": 16}},
         "student": STUDENT,
         "strategies": ["none", "minilm"],
-        "budget": {"calibrate": {"strategy": "none", "epochs": 0.1, "currency": "flops"}},
+        "budget": {"calibrate": {"strategy": "none", "epochs": 0.2, "currency": "flops"}},
         "optimizer": {"batch_size": 16},
         "training": {"num_evals": 1, "eval_sequences": 16, "dropout": 0.0},
         "glue": {
