@@ -54,10 +54,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_the_plan_is_what_the_run_consumes(case, tmp_path, tiny_data_dir, teacher_dir, monkeypatch):
+def _plan_then_run(config: dict, tmp_path: Path, monkeypatch) -> dict:
+    """The dry-run plan of ``config``, then the compare itself, stopped before GLUE."""
     path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(_config(tiny_data_dir, teacher_dir, **CASES[case])))
+    path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     with contextlib.redirect_stdout(io.StringIO()):
         plan = dry_run(path, out)
@@ -66,6 +66,12 @@ def test_the_plan_is_what_the_run_consumes(case, tmp_path, tiny_data_dir, teache
     monkeypatch.setattr(pipeline, "plan_glue", lambda *a, **k: (_ for _ in ()).throw(StopBeforeGlue()))
     with pytest.raises(StopBeforeGlue), contextlib.redirect_stdout(io.StringIO()):
         compare(path, out, progress=False)
+    return plan
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_plan_is_what_the_run_consumes(case, tmp_path, tiny_data_dir, teacher_dir, monkeypatch):
+    plan = _plan_then_run(_config(tiny_data_dir, teacher_dir, **CASES[case]), tmp_path, monkeypatch)
     runs = [s for s in plan["stages"] if s["stage"].startswith(("calibrate", "pretrain:"))]
     assert runs and all(s["exact"] for s in runs), [s["stage"] for s in runs if not s["exact"]]
     for stage in runs:
@@ -157,16 +163,7 @@ def test_the_x1_point_of_a_calibrated_sweep_trains_the_calibrations_steps(
     with ⌈190/8⌉ = 24 calibration steps it was refused ("at most 23 steps")."""
     budget = {"calibrate": {"epochs": 1, "currency": "flops"}, "sweep": [0.5, 1], "schedule": "wsd"}
     config = _config(tiny_data_dir, teacher_dir, budget=budget, strategies=["none", "tinybert"])
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "out"
-    with contextlib.redirect_stdout(io.StringIO()):
-        plan = dry_run(path, out)
-    from budgetkd.glue import pipeline
-
-    monkeypatch.setattr(pipeline, "plan_glue", lambda *a, **k: (_ for _ in ()).throw(StopBeforeGlue()))
-    with pytest.raises(StopBeforeGlue), contextlib.redirect_stdout(io.StringIO()):
-        compare(path, out, progress=False)
+    plan = _plan_then_run(config, tmp_path, monkeypatch)
     stages = {s["stage"]: s for s in plan["stages"]}
     summary = {
         name: json.loads((Path(stages[name]["dir"]) / "summary.json").read_text())
