@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import SHARED_DATA
 
 from budgetkd import report, stages
 from budgetkd.budget import Budget
@@ -251,6 +252,7 @@ def test_the_plan_prices_every_pretraining_seed(tmp_path, teacher_dir, tiny_data
     assert sum(1 for k in three if k.startswith("glue:")) == 6
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not available")
 def test_a_tiny_compare_with_two_pretraining_seeds(tmp_path):
     """No-KD and MiniLM, pretrain_seeds [0, 1]: four runs, four GLUE stages, one row each in Table
     2 with the two-level interval (the run at seed 0 keeps today's directory)."""

@@ -716,78 +716,88 @@ def delta_samples(row, base, common, boot, settings, rng) -> tuple[np.ndarray | 
     return samples, kind
 
 
-def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
-    """Numbers of Table 2: per row the tokens, per-task mean/std, Avg, Δ and its interval."""
-    settings = settings or ReportSettings()
-    rows = data["rows"]
+def _table_columns(rows: list[dict], settings: ReportSettings) -> tuple[list[str], list, list]:
+    """(Avg task keys present, Avg columns shown, extra columns shown): the paper's columns are
+    always shown (as "–" when nobody has them), the others only when some row has them."""
     present = {key for row in rows for key in row["scores"]}
     avg_keys = [c.key for c in ALL_COLUMNS if c.key in settings.avg_tasks and c.key in present]
-    # the paper's columns are always shown (as "–" when nobody has them), the others when present
     avg_columns = [
         c for c in ALL_COLUMNS if c.key in settings.avg_tasks and (c in PAPER_COLUMNS or c.key in present)
     ]
     extra_columns = [c for c in ALL_COLUMNS if c.key not in settings.avg_tasks and c.key in present]
+    return avg_keys, avg_columns, extra_columns
+
+
+def _row_cells(row: dict, columns: list) -> dict:
+    """Per column with scores: mean, sample sd (ddof 1; None for one value) and count."""
+    cells = {}
+    for column in columns:
+        values = row["scores"].get(column.key)
+        if values:
+            cells[column.key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                "n": len(values),
+            }
+    return cells
+
+
+def _table_row(row: dict, base: dict | None, avg_keys: list[str], columns: list, boot, settings, rng) -> dict:
+    """One row of Table 2: Δ = mean over the tasks both rows have of (row − No-KD), its interval."""
+    row_avg_tasks = [k for k in avg_keys if k in row["scores"]]
+    is_base = row is base
+    delta = interval = kind = None
+    delta_tasks: list[str] = []
+    if base is not None and not is_base:
+        delta_tasks = [k for k in row_avg_tasks if k in base["scores"]]
+        if delta_tasks:
+            delta = _mean_over(row, delta_tasks) - _mean_over(base, delta_tasks)
+            interval, kind = _interval(row, base, delta_tasks, boot, settings, rng)
+    fewer = row_avg_tasks != avg_keys or (delta is not None and delta_tasks != avg_keys)
+    summary = row["summary"] or {}
+    stopped_by = summary.get("stopped_by")
+    return {
+        "label": row["label"],
+        "strategy": row["strategy"],
+        "display": row["display"],
+        "tokens": (summary.get("consumed") or {}).get("tokens"),
+        "stopped_by": stopped_by if isinstance(stopped_by, str) else None,
+        "data_limited": isinstance(stopped_by, str) and stopped_by != "budget",
+        "cells": _row_cells(row, columns),
+        "avg": _mean_over(row, row_avg_tasks),
+        "avg_tasks": row_avg_tasks,
+        "delta": delta,
+        "delta_tasks": delta_tasks,
+        "delta_ci95": interval,
+        "interval": kind,
+        "fewer_tasks": fewer and bool(row_avg_tasks),
+        "is_base": is_base,
+        "pretrain_runs": len(row["units"]) if row.get("units") else None,
+    }
+
+
+def build_table(data: dict, settings: ReportSettings | None = None) -> dict:
+    """Numbers of Table 2: per row the tokens, per-task mean/std, Avg, Δ and its interval (paired
+    bootstrap over dev examples and fine-tuning seeds, or hierarchical with pretraining seeds)."""
+    settings = settings or ReportSettings()
+    rows = data["rows"]
+    avg_keys, avg_columns, extra_columns = _table_columns(rows, settings)
     base = next((r for r in rows if r["strategy"] == "none"), None)
     avg_used = [COLUMN_BY_KEY[k] for k in avg_keys]
     seeded = any(r.get("units") for r in rows)
-    boot = (
-        (hierarchical_bootstrap if seeded else paired_bootstrap)(rows, avg_used, settings)
-        if base is not None
-        else {}
-    )
+    bootstrap_fn = hierarchical_bootstrap if seeded else paired_bootstrap
+    boot = bootstrap_fn(rows, avg_used, settings) if base is not None else {}
     rng = np.random.default_rng(settings.bootstrap_seed)
-    table = []
-    for row in rows:
-        cells = {}
-        for column in avg_columns + extra_columns:
-            values = row["scores"].get(column.key)
-            if values:
-                cells[column.key] = {
-                    "mean": float(np.mean(values)),
-                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                    "n": len(values),
-                }
-        row_avg_tasks = [k for k in avg_keys if k in row["scores"]]
-        is_base = row is base
-        delta = interval = kind = None
-        delta_tasks: list[str] = []
-        if base is not None and not is_base:
-            delta_tasks = [k for k in row_avg_tasks if k in base["scores"]]
-            if delta_tasks:
-                delta = _mean_over(row, delta_tasks) - _mean_over(base, delta_tasks)
-                interval, kind = _interval(row, base, delta_tasks, boot, settings, rng)
-        fewer = row_avg_tasks != avg_keys or (delta is not None and delta_tasks != avg_keys)
-        summary = row["summary"] or {}
-        stopped_by = summary.get("stopped_by")
-        table.append(
-            {
-                "label": row["label"],
-                "strategy": row["strategy"],
-                "display": row["display"],
-                "tokens": (summary.get("consumed") or {}).get("tokens"),
-                "stopped_by": stopped_by if isinstance(stopped_by, str) else None,
-                "data_limited": isinstance(stopped_by, str) and stopped_by != "budget",
-                "cells": cells,
-                "avg": _mean_over(row, row_avg_tasks),
-                "avg_tasks": row_avg_tasks,
-                "delta": delta,
-                "delta_tasks": delta_tasks,
-                "delta_ci95": interval,
-                "interval": kind,
-                "fewer_tasks": fewer and bool(row_avg_tasks),
-                "is_base": is_base,
-                "pretrain_runs": len(row["units"]) if row.get("units") else None,
-            }
-        )
+    columns = avg_columns + extra_columns
     return {
-        "columns": avg_columns + extra_columns,
+        "columns": columns,
         "avg_columns": avg_columns,
         "extra_columns": extra_columns,
         "avg_tasks": avg_keys,
         "settings": settings,
         "setup": data.get("setup") or {},
         "has_base": base is not None,
-        "rows": table,
+        "rows": [_table_row(row, base, avg_keys, columns, boot, settings, rng) for row in rows],
     }
 
 
@@ -852,7 +862,6 @@ def delta_tasks_text(rows: list[dict]) -> str:
 def table_notes(table: dict) -> list[str]:
     """The sentences under the table: what Avg is over, what the interval is, the marks."""
     settings: ReportSettings = table["settings"]
-    rows = table["rows"]
     setting = (
         "the paper's seven"
         if settings.avg_tasks == PAPER_AVG_TASKS
@@ -872,11 +881,18 @@ def table_notes(table: dict) -> list[str]:
         ),
     ]
     shown = {c.key for c in table["columns"]}
-    if any("mnli" in r["cells"] for r in rows) and "mnli_mm" not in shown:
+    if any("mnli" in r["cells"] for r in table["rows"]) and "mnli_mm" not in shown:
         notes.append("MNLI-mm: no row has a mismatched dev split evaluated (no dev_mismatched data).")
     if not table["has_base"]:
         notes.append("No No-KD row, so no Δ.")
         return notes
+    return notes + [_delta_note(table), *_row_marks(table)]
+
+
+def _delta_note(table: dict) -> str:
+    """What Δ is over and what its interval resamples (one sentence)."""
+    settings: ReportSettings = table["settings"]
+    rows = table["rows"]
     kinds = {r["interval"] for r in rows if r["interval"]}
     text = delta_tasks_text(rows)
     if kinds & {INTERVAL_EXAMPLES, INTERVAL_SEEDS_EXAMPLES}:
@@ -906,8 +922,13 @@ def table_notes(table: dict) -> list[str]:
     ]
     if missing:
         text += f"; no interval for {', '.join(missing)} (one seed and no prediction files)"
-    notes.append(text + ".")
-    for row in rows:
+    return text + "."
+
+
+def _row_marks(table: dict) -> list[str]:
+    """The footnotes of the marked rows: fewer Avg/Δ tasks, stopped by the data limit."""
+    notes = []
+    for row in table["rows"]:
         if row["fewer_tasks"]:
             lacks = [k for k in table["avg_tasks"] if k not in row["avg_tasks"]]
             text = f"{MARK_FEWER_TASKS} {row['display']}: Avg over {_titles(row['avg_tasks'])}"
@@ -916,7 +937,7 @@ def table_notes(table: dict) -> list[str]:
             if not row["is_base"] and row["delta"] is not None:
                 text += f"; Δ over {_titles(row['delta_tasks'])}"
             notes.append(text + ".")
-    for row in rows:
+    for row in table["rows"]:
         if row["data_limited"]:
             notes.append(
                 f"{MARK_DATA_LIMIT} {row['display']}: stopped by the {row['stopped_by']} before its budget "
@@ -1237,51 +1258,51 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot(out: Path, data: dict, table: dict) -> list[Path]:
+    """plots/glue_scores.png, plots/val_loss.png and plots/tokens.png; one colour per strategy,
+    the same in every plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = out / "plots"
-    paths = []
-    rows = table["rows"]
-    # one colour per strategy, the same in every plot
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colour = {row["label"]: palette[i % len(palette)] for i, row in enumerate(rows)}
+    colour = {row["label"]: palette[i % len(palette)] for i, row in enumerate(table["rows"])}
+    setup = setup_text(table.get("setup"))
+    paths = []
+    for name, draw in (("glue_scores", _plot_scores), ("val_loss", _plot_val_loss), ("tokens", _plot_tokens)):
+        fig = draw(plt, data, table, colour, setup)
+        paths.append(out / "plots" / f"{name}.png")
+        _save_figure(fig, paths[-1])
+        plt.close(fig)
+    return paths
 
-    # GLUE score per task and strategy
+
+def _avg_error(row: dict) -> tuple[float, float]:
+    """The Avg bar's error bar: the 95 % interval of Δ drawn around the Avg (Δ − low below,
+    high − Δ above: the interval of the row's Avg with the No-KD row's held fixed), ×100."""
+    if row["avg"] is not None and row["delta"] is not None and row["delta_ci95"] is not None:
+        low, high = row["delta_ci95"]
+        return 100 * (row["delta"] - low), 100 * (high - row["delta"])
+    return 0.0, 0.0
+
+
+def _plot_scores(plt, data: dict, table: dict, colour: dict, setup: str):
+    """GLUE score per task and strategy; error bars: a task's ± sd over fine-tuning seeds (the
+    table's "± sd"), on every non-base row's Avg bar its Δ interval (:func:`_avg_error`)."""
+    rows = table["rows"]
     tasks = [c for c in table["columns"] if any(c.key in r["cells"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * (len(tasks) + 1)), 4))
     width = 0.8 / max(1, len(rows))
     positions = np.arange(len(tasks) + 1)
-    # Error bars: a task's ± standard deviation over fine-tuning seeds (the table's "± sd"); on the
-    # Avg bar of every non-base row, the table's 95 % paired-bootstrap interval of its Δ, drawn
-    # as the distances Δ − low below and high − Δ above the Avg (the interval of the row's Avg
-    # with the No-KD row's held fixed).
     for i, row in enumerate(rows):
         values = [100 * row["cells"][c.key]["mean"] if c.key in row["cells"] else np.nan for c in tasks]
         spread = [100 * (row["cells"][c.key]["std"] or 0) if c.key in row["cells"] else 0 for c in tasks]
-        below, above = list(spread), list(spread)
         values.append(np.nan if row["avg"] is None else 100 * row["avg"])
-        if row["avg"] is not None and row["delta"] is not None and row["delta_ci95"] is not None:
-            low, high = row["delta_ci95"]
-            below.append(100 * (row["delta"] - low))
-            above.append(100 * (high - row["delta"]))
-        else:
-            below.append(0)
-            above.append(0)
-        ax.bar(
-            positions + i * width,
-            values,
-            width,
-            yerr=[below, above],
-            capsize=2,
-            label=row["display"],
-            color=colour[row["label"]],
-        )
+        below, above = _avg_error(row)
+        ax.bar(positions + i * width, values, width, yerr=[spread + [below], spread + [above]], capsize=2,
+               label=row["display"], color=colour[row["label"]])  # fmt: skip
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, [c.title for c in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
-    setup = setup_text(table.get("setup"))
     ax.set_title(
         "GLUE dev score per task and strategy (bars: ± sd over seeds; Avg: 95 % paired-bootstrap "
         f"interval of Δ)\n{setup}",
@@ -1289,11 +1310,11 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     )
     # beside the axes, not over the bars (inside, it hid the tallest ones)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    paths.append(plots / "glue_scores.png")
-    _save_figure(fig, paths[-1])
-    plt.close(fig)
+    return fig
 
-    # validation losses against budget fraction; the MLM loss only where the MLM head trains
+
+def _plot_val_loss(plt, data: dict, table: dict, colour: dict, setup: str):
+    """Validation losses against the budget fraction; the MLM loss only where the MLM head trains."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     untrained = []
     for row in data["rows"]:
@@ -1312,14 +1333,8 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
     fig.suptitle(f"Validation loss against the fraction of the budget consumed\n{setup}", fontsize=11)
     axes[0].set_title("MLM loss (students whose MLM head trains)")
     if untrained:
-        axes[0].text(
-            0.02,
-            0.02,
-            "not shown (MLM weight 0, head never trained):\n" + ", ".join(untrained),
-            transform=axes[0].transAxes,
-            fontsize=7,
-            va="bottom",
-        )
+        axes[0].text(0.02, 0.02, "not shown (MLM weight 0, head never trained):\n" + ", ".join(untrained),
+                     transform=axes[0].transAxes, fontsize=7, va="bottom")  # fmt: skip
     axes[1].set_title("KD loss (each strategy's own objective)")
     kd_values = [v for line in axes[1].get_lines() for v in line.get_ydata() if v > 0]
     if kd_values and max(kd_values) / min(kd_values) > 20:
@@ -1331,23 +1346,20 @@ def plot(out: Path, data: dict, table: dict) -> list[Path]:
             ax.legend(fontsize=8)
     axes[0].set_ylabel("nats per predicted token")
     axes[1].set_ylabel("loss")
-    paths.append(plots / "val_loss.png")
-    _save_figure(fig, paths[-1])
-    plt.close(fig)
+    return fig
 
-    # tokens processed
+
+def _plot_tokens(plt, data: dict, table: dict, colour: dict, setup: str):
+    """Tokens processed per strategy under the same budget."""
+    rows = table["rows"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = [r["display"] for r in rows]
-    tokens = [(r["tokens"] or 0) / 1e6 for r in rows]
-    bars = ax.bar(labels, tokens, color=[colour[r["label"]] for r in rows])
+    bars = ax.bar([r["display"] for r in rows], [(r["tokens"] or 0) / 1e6 for r in rows],
+                  color=[colour[r["label"]] for r in rows])  # fmt: skip
     ax.bar_label(bars, fmt="%.2fM", fontsize=8)
     ax.set_ylabel("tokens processed (millions)")
     ax.set_title(f"Tokens processed per strategy under the same budget\n{setup}", fontsize=8)
     ax.tick_params(axis="x", labelrotation=20)
-    paths.append(plots / "tokens.png")
-    _save_figure(fig, paths[-1])
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def unfair_text(fields: list[str]) -> str:

@@ -26,6 +26,7 @@ import csv
 import io
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -193,24 +194,49 @@ def plot_sweep(
     largest = max((max(c["budgets"]) for c in curves.values() if c["budgets"]), default=0.0)
     largest = max([largest] + [v[0] for a in averages.values() for v in a["values"]])
     unit, scale = axis_unit(currency, largest)
+    axes = SimpleNamespace(unit=unit, scale=scale, over=f" over {', '.join(avg_tasks)}" if avg_tasks else "",
+                           suffix=_setup_suffix(setup_line), colours=plt.rcParams["axes.prop_cycle"].by_key()["color"])  # fmt: skip
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    written = []
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = [_save(_plot_delta(plt, curves, axes), plots / "delta_vs_budget.png")]
+    written.append(_save(_plot_avg(plt, averages, axes), plots / "avg_vs_budget.png"))
+    if by_students:
+        written.append(
+            _save(_plot_crossover_k(plt, curves, by_students, axes), plots / "crossover_vs_students.png")
+        )
+    return written
 
+
+def _crossover_bar(ax, curve: dict, i: int, colour, scale: float) -> bool:
+    """The crossover's 95 % interval as a bar in a strip along the bottom, one row per strategy
+    (an open bound runs to the end of the swept range); whether one was drawn."""
+    cross = curve["crossover"]
+    low_c, high_c = cross.get("low"), cross.get("high")
+    if low_c is None and high_c is None:
+        return False
+    left = (low_c if low_c is not None else min(curve["budgets"])) * scale
+    right = (high_c if high_c is not None else max(curve["budgets"])) * scale
+    strip = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    y = 0.03 + 0.04 * i
+    ax.hlines(y, left, right, color=colour, linewidth=4, alpha=0.6, transform=strip)
+    ax.plot([cross["crossover"] * scale], [y], marker="|", markersize=10, color=colour, transform=strip)
+    return True
+
+
+def _plot_delta(plt, curves: dict, axes):
+    """Δ against the budget: one line per KD strategy, its interval band, ‡ points hollow, the
+    crossover dotted with its interval in the bottom strip."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bars = 0
     for i, curve in enumerate(curves.values()):
-        colour = colours[i % len(colours)]
-        x = np.array(curve["budgets"]) * scale
+        colour = axes.colours[i % len(axes.colours)]
+        x = np.array(curve["budgets"]) * axes.scale
         y = np.array(curve["deltas"])
         low = np.array([np.nan if v is None else v for v in curve["low"]], dtype=float)
         high = np.array([np.nan if v is None else v for v in curve["high"]], dtype=float)
-        cross_info = curve["crossover"]
+        cross = curve["crossover"].get("crossover")
         note = (
-            f"crosses 0 at {cross_info['crossover'] * scale:.3g} {unit}"
-            if cross_info.get("crossover") is not None
-            else "no crossover in range"
+            "no crossover in range" if cross is None else f"crosses 0 at {cross * axes.scale:.3g} {axes.unit}"
         )
         ax.plot(x, y, marker="o", color=colour, label=f"{curve['display']} ({note})")
         limited = np.array(curve["limited"], dtype=bool)
@@ -219,33 +245,22 @@ def plot_sweep(
             ax.plot(x[~limited], y[~limited], linestyle="--", linewidth=1, color=colour)
         if np.isfinite(low).any():
             ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
-        cross = curve["crossover"].get("crossover")
         if cross is not None:
-            ax.axvline(cross * scale, color=colour, linestyle=":", linewidth=1)
-            # the crossover's interval as a bar in a strip along the bottom, one row per strategy
-            # (an open bound runs to the end of the swept range)
-            low_c, high_c = curve["crossover"].get("low"), curve["crossover"].get("high")
-            if low_c is not None or high_c is not None:
-                left = (low_c if low_c is not None else min(curve["budgets"])) * scale
-                right = (high_c if high_c is not None else max(curve["budgets"])) * scale
-                strip = ax.get_xaxis_transform()  # x in data, y in axes fraction
-                y = 0.03 + 0.04 * i
+            ax.axvline(cross * axes.scale, color=colour, linestyle=":", linewidth=1)
+            if _crossover_bar(ax, curve, i, colour, axes.scale):
                 bars = max(bars, i + 1)
-                ax.hlines(y, left, right, color=colour, linewidth=4, alpha=0.6, transform=strip)
-                ax.plot([cross * scale], [y], marker="|", markersize=10, color=colour, transform=strip)
     ax.axhline(0.0, color="black", linewidth=0.8)
     if bars:  # room below the data for the strip of crossover intervals
         bottom, top = ax.get_ylim()
         ax.set_ylim(bottom - (0.04 * bars + 0.03) / (1 - 0.04 * bars - 0.03) * (top - bottom), top)
     ax.set_xscale("log")
-    _point_ticks(ax, [b * scale for c in curves.values() for b in c["budgets"]])
-    ax.set_xlabel(f"budget ({unit}, log scale)")
-    over = f" over {', '.join(avg_tasks)}" if avg_tasks else ""
-    ax.set_ylabel(f"Δ GLUE Avg{over} vs No-KD (points)")
+    _point_ticks(ax, [b * axes.scale for c in curves.values() for b in c["budgets"]])
+    ax.set_xlabel(f"budget ({axes.unit}, log scale)")
+    ax.set_ylabel(f"Δ GLUE Avg{axes.over} vs No-KD (points)")
     ax.set_title(
         "Where KD stops paying: Δ against the budget\n"
         "(bands: 95 % intervals of Δ; dotted: crossover; bars at the bottom: its 95 % interval)"
-        + _setup_suffix(setup_line),
+        + axes.suffix,
         fontsize=10,
     )
     _data_limit_legend_entry(
@@ -253,53 +268,53 @@ def plot_sweep(
     )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    written.append(_save(fig, plots / "delta_vs_budget.png"))
+    return fig
 
+
+def _plot_avg(plt, averages: dict, axes):
+    """GLUE Avg against the budget, one line per strategy, ‡ points hollow."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, points in enumerate(averages.values()):
+        colour = axes.colours[i % len(axes.colours)]
         values = sorted(points["values"])
-        xs = [v[0] * scale for v in values]
-        ax.plot(
-            xs,
-            [v[1] for v in values],
-            marker="o",
-            color=colours[i % len(colours)],
-            label=points["display"],
-        )
-        limited = [(v[0] * scale, v[1]) for v in values if v[0] in points.get("limited", [])]
-        _hollow(ax, [a for a, _ in limited], [b for _, b in limited], colours[i % len(colours)])
+        ax.plot([v[0] * axes.scale for v in values], [v[1] for v in values], marker="o", color=colour,
+                label=points["display"])  # fmt: skip
+        limited = [(v[0] * axes.scale, v[1]) for v in values if v[0] in points.get("limited", [])]
+        _hollow(ax, [a for a, _ in limited], [b for _, b in limited], colour)
     ax.set_xscale("log")
-    _point_ticks(ax, [v[0] * scale for a in averages.values() for v in a["values"]])
-    ax.set_xlabel(f"budget ({unit}, log scale)")
-    ax.set_ylabel(f"GLUE Avg{over} (dev, points)")
-    ax.set_title("GLUE Avg against the pretraining budget" + _setup_suffix(setup_line), fontsize=10)
+    _point_ticks(ax, [v[0] * axes.scale for a in averages.values() for v in a["values"]])
+    ax.set_xlabel(f"budget ({axes.unit}, log scale)")
+    ax.set_ylabel(f"GLUE Avg{axes.over} (dev, points)")
+    ax.set_title("GLUE Avg against the pretraining budget" + axes.suffix, fontsize=10)
     _data_limit_legend_entry(ax, any(a.get("limited") for a in averages.values()))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    written.append(_save(fig, plots / "avg_vs_budget.png"))
+    return fig
 
-    if by_students:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, (label, rows) in enumerate(by_students.items()):
-            pts = [(r["students"], r["crossover"] * scale) for r in rows if r["crossover"] is not None]
-            if pts:
-                ax.plot(
-                    *zip(*pts), marker="o", color=colours[i % len(colours)], label=curves[label]["display"]
-                )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("students sharing the teacher's pretraining (K, log scale)")
-        ax.set_ylabel(f"crossover budget ({unit}, log scale)")
-        ax.set_title(
-            "Crossover budget against K (teacher_cost: amortized; ‡ points left out)"
-            + _setup_suffix(setup_line),
-            fontsize=10,
-        )
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, plots / "crossover_vs_students.png"))
-    return written
+
+def _plot_crossover_k(plt, curves: dict, by_students: dict, axes):
+    """The crossover budget against K, the students sharing the teacher's pretraining."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, rows) in enumerate(by_students.items()):
+        pts = [(r["students"], r["crossover"] * axes.scale) for r in rows if r["crossover"] is not None]
+        if pts:
+            ax.plot(
+                *zip(*pts),
+                marker="o",
+                color=axes.colours[i % len(axes.colours)],
+                label=curves[label]["display"],
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("students sharing the teacher's pretraining (K, log scale)")
+    ax.set_ylabel(f"crossover budget ({axes.unit}, log scale)")
+    ax.set_title(
+        "Crossover budget against K (teacher_cost: amortized; ‡ points left out)" + axes.suffix, fontsize=10
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _setup_suffix(setup_line: str | None) -> str:
@@ -409,23 +424,15 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     setup_line = report.setup_text(setup)
     currency = sweep["currency"]
     students = sweep["students"]
+    seeds = sorted({st.get("pretrain_seed", 0) for st in students.values()})
+    teacher_note = report.teacher_preparation_note(
+        report.read_teacher_preparation(out), sweep.get("teacher_cost")
+    )
     written: list[Path] = []
     averaged: set[str] = set()  # the tasks some Avg is over
     curves: dict[str, dict] = {}
     averages: dict[str, dict] = {}
-    sections = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
-    sections += [f"Setup: {setup_line}.", "", DATA_LIMIT_NOTE, ""]
-    teacher_note = report.teacher_preparation_note(
-        report.read_teacher_preparation(out), sweep.get("teacher_cost")
-    )
-    seeds = sorted({st.get("pretrain_seed", 0) for st in students.values()})
-    if len(seeds) > 1:
-        sections += [
-            f"Pretraining seeds: {len(seeds)} runs per strategy and point; every Avg and Δ is the mean over "
-            "them, and every Δ and crossover interval is over pretraining seeds, fine-tuning seeds and dev "
-            "examples (the two-level bootstrap of table.md; paired across points on the pretraining-seed index).",
-            "",
-        ]
+    sections = _header_lines(setup_line, len(seeds))
     for tag in sweep["points"]:
         ids = [sid for sid, st in students.items() if st["tag"] == tag and not st.get("pretrain_seed")]
         rows = [_point_row(out, students, sid, seeds) for sid in ids]
@@ -434,59 +441,12 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         averaged.update(k for trow in table["rows"] for k in trow["avg_tasks"])
         budgets = report.budget_rows(data, sweep.get("teacher_cost"))
         point = students[ids[0]]["point_amount"]
-        written.append(
-            write_text(
-                out / "sweep" / f"table-{tag}.md", report.render_markdown(table, budgets, teacher_note)
-            )
-        )
+        markdown = report.render_markdown(table, budgets, teacher_note)
+        written.append(write_text(out / "sweep" / f"table-{tag}.md", markdown))
         written.append(write_text(out / "sweep" / f"table-{tag}.csv", report.render_csv(table)))
-        sections += [f"## {tag}: {point:g} {currency}", ""]
-        sections += _compact_table(table)
-        base = next((r for r in rows if r["strategy"] == "none"), None)
-        base_limited = any(t["data_limited"] for t in table["rows"] if t["is_base"])
-        seeded = any(r.get("units") for r in rows)  # pretrain_seeds: the two-level bootstrap
-        resample = report.hierarchical_bootstrap if seeded else report.paired_bootstrap
-        boot = resample(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
-        rng = np.random.default_rng(settings.bootstrap_seed)
-        for row, trow in zip(rows, table["rows"]):
-            label = students[row["label"]]["label"]
-            entry = averages.setdefault(label, {"display": _display(trow), "values": [], "limited": []})
-            if trow["avg"] is not None:
-                entry["values"].append((point, 100 * trow["avg"], students[row["label"]]["amount"]))
-                if trow["data_limited"]:
-                    entry["limited"].append(point)
-            if base is None or row is base or trow["delta"] is None:
-                continue
-            samples, kind = report.delta_samples(row, base, trow["delta_tasks"], boot, settings, rng)
-            curve = curves.setdefault(label, _new_curve(_display(trow), kind))
-            curve["budgets"].append(point)
-            curve["deltas"].append(100 * trow["delta"])
-            low, high = trow["delta_ci95"] or (None, None)
-            curve["low"].append(None if low is None else 100 * low)
-            curve["high"].append(None if high is None else 100 * high)
-            curve["samples"].append(None if samples is None else 100 * np.asarray(samples))
-            curve["limited"].append(trow["data_limited"] or base_limited)
-            curve["tasks"].append(list(trow["delta_tasks"]))
-    crossover = {}
-    for label, curve in curves.items():
-        curve["crossover"] = usable_crossover(curve, curve.pop("samples"))
-        crossover[label] = {
-            "display": curve["display"],
-            "currency": currency,
-            "points": [
-                {"budget": b, "delta": d, "low": lo, "high": hi, "data_limited": lim, "tasks": tasks}
-                for b, d, lo, hi, lim, tasks in zip(
-                    curve["budgets"],
-                    curve["deltas"],
-                    curve["low"],
-                    curve["high"],
-                    curve["limited"],
-                    curve["tasks"],
-                )
-            ],
-            "interval": curve["kind"],
-            **curve["crossover"],
-        }
+        sections += [f"## {tag}: {point:g} {currency}", "", *_compact_table(table)]
+        _add_point(rows, table, point, students, settings, curves, averages)
+    crossover = _crossover_record(curves, currency)
     by_students = _by_students(sweep, students, currency, curves, averages)
     for label, rows_k in (by_students or {}).items():
         crossover[label]["by_students"] = rows_k
@@ -494,12 +454,83 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     written.append(write_text(out / "sweep" / "long.csv", render_long_csv(long_rows(out, sweep))))
     avg_titles = [c.title for c in report.ALL_COLUMNS if c.key in averaged]
     written += plot_sweep(out, currency, curves, averages, by_students, avg_titles, setup_line)
-    sections += ["## Δ at every point (KD − No-KD, GLUE points)", ""]
-    sections += _delta_table(crossover, currency)
-    sections += ["## Crossover (where Δ crosses 0, interpolated in log-budget; ‡ points left out)", ""]
-    for entry in crossover.values():
-        sections.append(f"- {entry['display']}: {_crossover_text(entry, currency)}")
-    sections += [
+    sections += _closing_lines(crossover, currency, bool(by_students))
+    written.append(write_text(out / "sweep.md", "\n".join(sections)))
+    return written
+
+
+def _header_lines(setup_line: str, seeds: int) -> list[str]:
+    lines = ["# Budget sweep: KD against pretraining from scratch at every budget", ""]
+    lines += [f"Setup: {setup_line}.", "", DATA_LIMIT_NOTE, ""]
+    if seeds > 1:
+        lines += [
+            f"Pretraining seeds: {seeds} runs per strategy and point; every Avg and Δ is the mean over "
+            "them, and every Δ and crossover interval is over pretraining seeds, fine-tuning seeds and dev "
+            "examples (the two-level bootstrap of table.md; paired across points on the pretraining-seed index).",
+            "",
+        ]
+    return lines
+
+
+def _add_point(rows, table, point: float, students: dict, settings, curves: dict, averages: dict) -> None:
+    """One sweep point's rows into ``averages`` (Avg per strategy label) and ``curves`` (Δ per KD
+    label, with its bootstrap samples for the crossover); ‡ when the row or No-KD is data-limited."""
+    from budgetkd import report
+
+    base = next((r for r in rows if r["strategy"] == "none"), None)
+    base_limited = any(t["data_limited"] for t in table["rows"] if t["is_base"])
+    seeded = any(r.get("units") for r in rows)  # pretrain_seeds: the two-level bootstrap
+    resample = report.hierarchical_bootstrap if seeded else report.paired_bootstrap
+    boot = resample(rows, [report.COLUMN_BY_KEY[k] for k in table["avg_tasks"]], settings)
+    rng = np.random.default_rng(settings.bootstrap_seed)
+    for row, trow in zip(rows, table["rows"]):
+        label = students[row["label"]]["label"]
+        entry = averages.setdefault(label, {"display": _display(trow), "values": [], "limited": []})
+        if trow["avg"] is not None:
+            entry["values"].append((point, 100 * trow["avg"], students[row["label"]]["amount"]))
+            if trow["data_limited"]:
+                entry["limited"].append(point)
+        if base is None or row is base or trow["delta"] is None:
+            continue
+        samples, kind = report.delta_samples(row, base, trow["delta_tasks"], boot, settings, rng)
+        curve = curves.setdefault(label, _new_curve(_display(trow), kind))
+        low, high = trow["delta_ci95"] or (None, None)
+        curve["budgets"].append(point)
+        curve["deltas"].append(100 * trow["delta"])
+        curve["low"].append(None if low is None else 100 * low)
+        curve["high"].append(None if high is None else 100 * high)
+        curve["samples"].append(None if samples is None else 100 * np.asarray(samples))
+        curve["limited"].append(trow["data_limited"] or base_limited)
+        curve["tasks"].append(list(trow["delta_tasks"]))
+
+
+def _crossover_record(curves: dict, currency: str) -> dict:
+    """crossover.json: per KD label its points (Δ, interval, ‡, tasks) and its crossover; the
+    curves' bootstrap samples are consumed here."""
+    crossover = {}
+    for label, curve in curves.items():
+        curve["crossover"] = usable_crossover(curve, curve.pop("samples"))
+        columns = zip(
+            curve["budgets"], curve["deltas"], curve["low"], curve["high"], curve["limited"], curve["tasks"]
+        )
+        crossover[label] = {
+            "display": curve["display"],
+            "currency": currency,
+            "points": [
+                {"budget": b, "delta": d, "low": lo, "high": hi, "data_limited": lim, "tasks": tasks}
+                for b, d, lo, hi, lim, tasks in columns
+            ],
+            "interval": curve["kind"],
+            **curve["crossover"],
+        }
+    return crossover
+
+
+def _closing_lines(crossover: dict, currency: str, by_students: bool) -> list[str]:
+    lines = ["## Δ at every point (KD − No-KD, GLUE points)", "", *_delta_table(crossover, currency)]
+    lines += ["## Crossover (where Δ crosses 0, interpolated in log-budget; ‡ points left out)", ""]
+    lines += [f"- {entry['display']}: {_crossover_text(entry, currency)}" for entry in crossover.values()]
+    lines += [
         "",
         "![Δ against budget](plots/delta_vs_budget.png)",
         "",
@@ -507,9 +538,8 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
         "",
     ]
     if by_students:
-        sections += ["![Crossover against K](plots/crossover_vs_students.png)", ""]
-    written.append(write_text(out / "sweep.md", "\n".join(sections)))
-    return written
+        lines += ["![Crossover against K](plots/crossover_vs_students.png)", ""]
+    return lines
 
 
 def _new_curve(display: str, kind: str | None) -> dict:
