@@ -1,6 +1,11 @@
 """The training step against losses recorded from the code before its host syncs were removed
 (issue 22 item 3): 20 steps of every strategy on CPU, total loss and every component within 1e-6
-and within 1e-6 relative (the MiniLM losses of a random teacher are ~1e-3). Record with
+and within 1e-6 relative, 1e-4 relative for MiniLM and MiniLMv2. Their relation losses of a random
+teacher are KL divergences of near-uniform attention distributions (~1e-3, sums of terms that
+cancel), so a float32 rounding difference in the attention logits moves them ~1e-5 relative: with
+transformers 5.25 against the recording's environment they moved 3e-5 (MiniLM) and 5e-5
+(MiniLMv2), the other strategies under 1.5e-7. A change of the mathematics (a mask, a temperature,
+a head split, a step that moved) moves them by far more than 1e-4. Record with
 ``PYTHONPATH=src python tests/golden/steps.py`` (only when a change is *meant* to move them)."""
 
 from __future__ import annotations
@@ -27,15 +32,19 @@ def test_step_losses_equal_the_recorded_ones(recorded, strategy):
     golden = json.loads((GOLDEN / "steps.json").read_text())["steps"][strategy]
     got = recorded[strategy]
     assert len(got) == len(golden) == 20
+    rel = RELATIVE.get(strategy, 1e-6)
     for index, (new, old) in enumerate(zip(got, golden)):
-        assert _close(new["loss"], old["loss"]), (index, new["loss"], old["loss"])
+        assert _close(new["loss"], old["loss"], rel), (index, new["loss"], old["loss"])
         assert sorted(new["parts"]) == sorted(old["parts"])
         for key, value in old["parts"].items():
-            assert _close(new["parts"][key], value), (index, key, new["parts"][key], value)
+            assert _close(new["parts"][key], value, rel), (index, key, new["parts"][key], value)
 
 
-def _close(new: float, old: float) -> bool:
-    return abs(new - old) <= 1e-6 and abs(new - old) <= 1e-6 * abs(old)
+RELATIVE = {"minilm": 1e-4, "minilmv2": 1e-4}  # the module docstring says why
+
+
+def _close(new: float, old: float, rel: float) -> bool:
+    return abs(new - old) <= 1e-6 and abs(new - old) <= rel * abs(old)
 
 
 def test_the_dependency_says_transformers_5_which_the_shortened_forward_needs():

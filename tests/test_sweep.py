@@ -513,3 +513,25 @@ def test_the_crossover_against_k_leaves_data_limited_points_out(tmp_path, limite
     # K = 1024: the KD points cost 1, 2, 4, 8 (×1e12) plus 4e11/1024; the last lies beyond No-KD's
     # largest point, so 3 points count, 2 when the ‡ point at 4 is left out
     assert {r["students"]: r["points"] for r in rows}[1024] == points
+
+
+def test_the_sweep_report_refuses_unfair_rows_unless_allowed_and_then_marks_them(tmp_path):
+    """fairness.json names a rule the rows differ in: sweep.md is refused like table.md (one line,
+    nothing written); with allow_unfair it is written and says UNFAIR, as every point's table does."""
+    import json
+
+    from budgetkd.errors import BudgetKDError
+    from budgetkd.sweep_report import write_sweep_report
+
+    out = _sweep_dir(tmp_path)
+    rules = {"schedule": "wsd", "warmup": 0.06, "lr_rule": "given", "data_setting": "limited",
+             "teacher_cost": "inference"}  # fmt: skip
+    fairness = {"rules": {"none": {**rules, "schedule": "linear"}, "vanilla": rules}, "differs": ["schedule"]}
+    (out / "fairness.json").write_text(json.dumps(fairness))
+    with pytest.raises(BudgetKDError, match="one schedule rule, got none: linear, vanilla: wsd"):
+        write_sweep_report(out)
+    assert not (out / "sweep.md").exists() and not (out / "sweep").exists()
+    write_sweep_report(out, allow_unfair=True)
+    mark = "UNFAIR (written with --allow-unfair): the rows differ in schedule (fairness.json)."
+    assert mark in (out / "sweep.md").read_text()
+    assert all(mark in p.read_text() for p in (out / "sweep").glob("table-*.md"))

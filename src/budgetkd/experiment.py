@@ -466,7 +466,7 @@ class Experiment:
         if sweep:
             from budgetkd.sweep_report import write_sweep_report
 
-            paths = write_sweep_report(self.out)
+            paths = write_sweep_report(self.out, allow_unfair=self.allow_unfair)
         else:
             paths = write_report(self.out, allow_unfair=self.allow_unfair)
         self.book.finish("report", sha256_json({"time": time.time()}), {"files": [str(p) for p in paths]})

@@ -413,13 +413,16 @@ def sweep_setup(out: Path, sweep: dict) -> dict:
     return setup
 
 
-def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
-    """Every sweep file of a compare directory (module docstring); returns their paths."""
+def write_sweep_report(out: str | Path, settings=None, allow_unfair: bool = False) -> list[Path]:
+    """Every sweep file of a compare directory (module docstring); returns their paths. Refused
+    like Table 2 when ``fairness.json``'s rows differ in a training rule, unless ``allow_unfair``
+    (then every point's table and sweep.md say so)."""
     from budgetkd import report
 
     out = Path(out)
     sweep = read_sweep(out)
     settings = settings or report.resolve_settings(out)
+    unfair = report.unfair_fields(out, allow_unfair)
     setup = sweep_setup(out, sweep)
     setup_line = report.setup_text(setup)
     currency = sweep["currency"]
@@ -433,11 +436,14 @@ def write_sweep_report(out: str | Path, settings=None) -> list[Path]:
     curves: dict[str, dict] = {}
     averages: dict[str, dict] = {}
     sections = _header_lines(setup_line, len(seeds))
+    if unfair:
+        sections[2:2] = [f"**{report.unfair_text(unfair)}.**", ""]
     for tag in sweep["points"]:
         ids = [sid for sid, st in students.items() if st["tag"] == tag and not st.get("pretrain_seed")]
         rows = [_point_row(out, students, sid, seeds) for sid in ids]
         data = {"rows": rows, "setup": setup}
         table = report.build_table(data, settings)
+        table["unfair"] = unfair
         averaged.update(k for trow in table["rows"] for k in trow["avg_tasks"])
         budgets = report.budget_rows(data, sweep.get("teacher_cost"))
         point = students[ids[0]]["point_amount"]
