@@ -817,3 +817,34 @@ def test_the_report_refuses_an_unfair_table_unless_allowed_and_then_marks_it(com
     assert "UNFAIR" not in (compare_dir / "table.md").read_text()
     with open(compare_dir / "table.csv") as handle:
         assert {r["unfair"] for r in csv.DictReader(handle)} == {""}
+
+
+def test_each_score_carries_its_own_bootstrap_interval_and_the_plot_draws_it(tmp_path: Path):
+    """A cell's ci95 is the 2.5/97.5 percentiles of the row's RTE accuracy over the report's index
+    resamples (written out here by hand), and its width is the binomial one, 2·1.96·√(p(1−p)/n),
+    within 15 %; the GLUE plot's error bar is that interval around the mean (±sd without one)."""
+    from budgetkd.report import _cell_error
+
+    n, right = 400, 280  # accuracy 0.7
+    labels = np.arange(n) % 2
+    predicted = labels.copy()
+    predicted[right:] = 1 - predicted[right:]
+    rows = {
+        "none": ("none", "No-KD", {"rte": _accuracy_task(labels.tolist(), predicted.tolist())}),
+        "vanilla": ("vanilla", "Vanilla-KD", {"rte": _accuracy_task(labels.tolist(), labels.tolist())}),
+    }
+    out = _make_dir(tmp_path, rows)
+    samples, seed = 300, 3
+    table = {r["label"]: r for r in build_table(collect(out), ReportSettings(bootstrap_samples=samples,
+                                                                             bootstrap_seed=seed))["rows"]}  # fmt: skip
+    cell = table["none"]["cells"]["rte"]
+    index = ALL_COLUMNS.index(COLUMN_BY_KEY["rte"])
+    draws = np.random.default_rng([seed, index]).integers(0, n, size=(samples, n))
+    by_hand = np.percentile((labels[draws] == predicted[draws]).mean(axis=1), [2.5, 97.5])
+    assert cell["ci95"] == pytest.approx(tuple(by_hand), abs=1e-12)
+    assert cell["ci95"][1] - cell["ci95"][0] == pytest.approx(2 * 1.96 * np.sqrt(0.7 * 0.3 / n), rel=0.15)
+    assert cell["ci95"][0] < cell["mean"] == 0.7 < cell["ci95"][1]
+    low, high = cell["ci95"]
+    assert _cell_error(cell) == pytest.approx((100 * (0.7 - low), 100 * (high - 0.7)))
+    assert _cell_error({"mean": 0.5, "std": 0.02, "n": 3, "ci95": None}) == pytest.approx((2.0, 2.0))
+    assert _cell_error(None) == (0.0, 0.0)

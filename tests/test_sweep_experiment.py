@@ -103,6 +103,10 @@ def test_sweep_runs_to_its_report_and_resumes_after_a_kill(tmp_path, monkeypatch
         assert (whole / "sweep" / f"table-{tag}.md").is_file()
     crossover = json.loads((whole / "sweep" / "crossover.json").read_text())
     assert set(crossover) == {"minilm"}
+    # the rules compared are the sweep points' (all WSD); the linear calibration only set the budget
+    fairness = json.loads((whole / "fairness.json").read_text())
+    assert set(fairness["rules"]) == set(sweep["students"]) and fairness["differs"] == []
+    assert {r["schedule"] for r in fairness["rules"].values()} == {"wsd"}
     assert [p["budget"] for p in crossover["minilm"]["points"]] == sorted(
         s["point_amount"] for s in sweep["students"].values() if s["label"] == "minilm"
     )

@@ -571,7 +571,12 @@ class Experiment:
                 )
         checks["peak_lr"] = {label: s.get("lr") for label, s in summaries.items()}
         checks["budget"] = {label: s["budget"]["text"] for label, s in summaries.items()}
-        checks.update(fairness_rules(summaries, self.cfg["teacher_cost"]["mode"]))
+        rows = summaries
+        if self.cfg["budget"].get(
+            "sweep"
+        ):  # the rows are the sweep points; the calibration only sets the budget
+            rows = {label: s for label, s in summaries.items() if label in self.student_runs}
+        checks.update(fairness_rules(rows, self.cfg["teacher_cost"]["mode"]))
         checks["ok"] = not checks["differs"]
         if self.is_main:
             atomic_write_json(self.out / "fairness.json", checks)

@@ -728,16 +728,21 @@ def _table_columns(rows: list[dict], settings: ReportSettings) -> tuple[list[str
     return avg_keys, avg_columns, extra_columns
 
 
-def _row_cells(row: dict, columns: list) -> dict:
-    """Per column with scores: mean, sample sd (ddof 1; None for one value) and count."""
+def _row_cells(row: dict, columns: list, boot: dict) -> dict:
+    """Per column with scores: mean, sample sd (ddof 1; None for one value), count, and the score's
+    own 95 % percentile interval from the report's bootstrap resamples (``ci95``: the same
+    resamples as Δ's — examples, fine-tuning seeds, pretraining runs as the row has them; None for
+    a column without prediction files or outside the Avg)."""
     cells = {}
     for column in columns:
         values = row["scores"].get(column.key)
         if values:
+            drawn = boot.get((row["label"], column.key))
             cells[column.key] = {
                 "mean": float(np.mean(values)),
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
                 "n": len(values),
+                "ci95": None if drawn is None else tuple(float(v) for v in np.percentile(drawn, [2.5, 97.5])),
             }
     return cells
 
@@ -763,7 +768,7 @@ def _table_row(row: dict, base: dict | None, avg_keys: list[str], columns: list,
         "tokens": (summary.get("consumed") or {}).get("tokens"),
         "stopped_by": stopped_by if isinstance(stopped_by, str) else None,
         "data_limited": isinstance(stopped_by, str) and stopped_by != "budget",
-        "cells": _row_cells(row, columns),
+        "cells": _row_cells(row, columns, boot),
         "avg": _mean_over(row, row_avg_tasks),
         "avg_tasks": row_avg_tasks,
         "delta": delta,
@@ -1286,9 +1291,21 @@ def _avg_error(row: dict) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def _cell_error(cell: dict | None) -> tuple[float, float]:
+    """A task bar's error bar, ×100: the score's 95 % bootstrap interval where the table has one,
+    else ± its sd over fine-tuning seeds (0 for one seed)."""
+    if cell is None:
+        return 0.0, 0.0
+    if cell.get("ci95") is not None:
+        low, high = cell["ci95"]
+        return 100 * max(0.0, cell["mean"] - low), 100 * max(0.0, high - cell["mean"])
+    return 100 * (cell["std"] or 0), 100 * (cell["std"] or 0)
+
+
 def _plot_scores(plt, data: dict, table: dict, colour: dict, setup: str):
-    """GLUE score per task and strategy; error bars: a task's ± sd over fine-tuning seeds (the
-    table's "± sd"), on every non-base row's Avg bar its Δ interval (:func:`_avg_error`)."""
+    """GLUE score per task and strategy; error bars: a task's 95 % bootstrap interval
+    (:func:`_cell_error`; ± sd over seeds without prediction files), on every non-base row's Avg
+    bar its Δ interval (:func:`_avg_error`)."""
     rows = table["rows"]
     tasks = [c for c in table["columns"] if any(c.key in r["cells"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * (len(tasks) + 1)), 4))
@@ -1296,16 +1313,16 @@ def _plot_scores(plt, data: dict, table: dict, colour: dict, setup: str):
     positions = np.arange(len(tasks) + 1)
     for i, row in enumerate(rows):
         values = [100 * row["cells"][c.key]["mean"] if c.key in row["cells"] else np.nan for c in tasks]
-        spread = [100 * (row["cells"][c.key]["std"] or 0) if c.key in row["cells"] else 0 for c in tasks]
+        errors = [_cell_error(row["cells"].get(c.key)) for c in tasks] + [_avg_error(row)]
         values.append(np.nan if row["avg"] is None else 100 * row["avg"])
-        below, above = _avg_error(row)
-        ax.bar(positions + i * width, values, width, yerr=[spread + [below], spread + [above]], capsize=2,
+        yerr = [[e[0] for e in errors], [e[1] for e in errors]]
+        ax.bar(positions + i * width, values, width, yerr=yerr, capsize=2,
                label=row["display"], color=colour[row["label"]])  # fmt: skip
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, [c.title for c in tasks] + ["Avg"])
     ax.set_ylabel("dev score ×100")
     ax.set_title(
-        "GLUE dev score per task and strategy (bars: ± sd over seeds; Avg: 95 % paired-bootstrap "
-        f"interval of Δ)\n{setup}",
+        "GLUE dev score per task and strategy (bars: 95 % bootstrap interval of the score, ± sd over "
+        f"seeds without predictions; Avg: 95 % paired-bootstrap interval of Δ)\n{setup}",
         fontsize=9,
     )
     # beside the axes, not over the bars (inside, it hid the tallest ones)
