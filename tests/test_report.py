@@ -702,8 +702,9 @@ def test_a_malformed_teacher_cost_file_is_a_one_line_error(compare_dir: Path):
 
 
 def test_the_glue_plot_draws_the_table_s_intervals_as_error_bars(tmp_path: Path, monkeypatch):
-    """Per task: ± the seeds' sd (the table's cell); on each non-base Avg bar: Δ's paired-bootstrap
-    interval, Δ − low below and high − Δ above the Avg."""
+    """Per task: the score's 95 % bootstrap interval (the cell's ci95), or ± the seeds' sd for a
+    column outside the Avg; on each non-base Avg bar: Δ's paired-bootstrap interval, Δ − low below
+    and high − Δ above the Avg."""
     import budgetkd.report as report
 
     rows = {
@@ -723,7 +724,7 @@ def test_the_glue_plot_draws_the_table_s_intervals_as_error_bars(tmp_path: Path,
 
     containers = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert len(containers) == len(table["rows"])
-    checked = 0
+    checked = with_interval = with_sd = 0
     for row, bars in zip(table["rows"], containers):
         segments = bars.errorbar.lines[2][0].get_segments()  # one vertical segment per bar
         assert len(segments) == len(tasks) + 1
@@ -731,9 +732,17 @@ def test_the_glue_plot_draws_the_table_s_intervals_as_error_bars(tmp_path: Path,
             cell = row["cells"].get(column.key)
             if cell is None:
                 continue
-            sd = 100 * (cell["std"] or 0)
-            assert segment[0][1] == pytest.approx(100 * cell["mean"] - sd)
-            assert segment[1][1] == pytest.approx(100 * cell["mean"] + sd)
+            if column.key in table["avg_tasks"]:  # the score's own bootstrap interval
+                low, high = cell["ci95"]
+                assert segment[0][1] == pytest.approx(100 * min(low, cell["mean"]))
+                assert segment[1][1] == pytest.approx(100 * max(high, cell["mean"]))
+                with_interval += 1
+            else:  # outside the Avg (STS-B here): no resamples, ± the seeds' sd
+                assert cell["ci95"] is None
+                sd = 100 * (cell["std"] or 0)
+                assert segment[0][1] == pytest.approx(100 * cell["mean"] - sd)
+                assert segment[1][1] == pytest.approx(100 * cell["mean"] + sd)
+                with_sd += 1
             assert patch.get_height() == pytest.approx(100 * cell["mean"])
         low, high = segments[-1][0][1], segments[-1][1][1]
         if row["is_base"]:
@@ -744,7 +753,7 @@ def test_the_glue_plot_draws_the_table_s_intervals_as_error_bars(tmp_path: Path,
         assert high == pytest.approx(100 * (row["avg"] - row["delta"] + interval_high))
         assert low < 100 * row["avg"] < high
         checked += 1
-    assert checked == 2
+    assert checked == 2 and with_interval == 8 and with_sd == 3
 
 
 def _summary_with_rules(
