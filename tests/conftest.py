@@ -20,18 +20,6 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The test modules that use these fixtures; the thread setting below applies to them only.
-OUR_MODULES = {
-    "test_data",
-    "test_budget_flops",
-    "test_pretrain",
-    "test_strategies",
-    "test_cli_errors",
-    "test_benchmark",
-    "test_sweep",
-    "test_pretrain_seeds",
-}
-
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CORPUS = SHARED_DATA / "corpus"
 BERT_VOCAB = SHARED_DATA / "vocab" / "bert-base-uncased" / "vocab.txt"
@@ -76,9 +64,8 @@ def single_thread():
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_thread_in_our_modules(request):
-    if Path(str(request.module.__file__)).stem not in OUR_MODULES:
-        yield
-        return
+    """Every test module runs with one intra-op thread: the models are tiny, and the suite runs one
+    pytest-xdist worker per core (README), so more threads would only contend."""
     with single_thread():
         yield
 
