@@ -267,6 +267,13 @@ def student_from_checkpoint(run_dir: Path, arch: dict, vocab_size: int = VOCAB):
     )
     model = BertForMaskedLM(config)
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["student"], strict=True)
+    # training holds the vocabulary rows padded to a multiple of 64 (models.VOCAB_MULTIPLE); the
+    # extra rows are zero and never trained: the tokenizer's rows are the model
+    vocab_rows = ("word_embeddings.weight", "predictions.bias", "decoder.weight", "decoder.bias")
+    student = {
+        key: value[:vocab_size] if key.endswith(vocab_rows) else value
+        for key, value in state["student"].items()
+    }
+    model.load_state_dict(student, strict=True)
     model.eval()
     return model, state

@@ -546,3 +546,17 @@ def test_validation_takes_its_share_from_every_input():
     assert held[0] == 10_000  # 5 % of 200,000 as one contiguous block of a long document
     assert 5_000 - 500 < held[1] <= 5_000 + 500  # whole 500-token documents
     assert all(end == lengths[index] for index, (_, end) in plan.items())  # whole, or a block at the end
+
+
+def test_regrouped_validation_batches_hold_the_same_rows_and_masks():
+    """A compiled run evaluates at the micro-batch's shape: the validation rows, masked as drawn
+    at ``eval_batch_size``, regrouped in order (7 + 7 + 3 rows → 4, 4, 4, 4, 1)."""
+    from budgetkd.data import regroup_batches
+
+    rows = torch.arange(17 * 5).reshape(17, 5)
+    batches = [(rows[i : i + 7], rows[i : i + 7] % 2, -rows[i : i + 7]) for i in range(0, 17, 7)]
+    regrouped = regroup_batches(batches, 4)
+    assert [len(b[0]) for b in regrouped] == [4, 4, 4, 4, 1]
+    for column in range(3):
+        assert torch.equal(torch.cat([b[column] for b in regrouped]), torch.cat([b[column] for b in batches]))
+    assert regroup_batches([], 4) == []

@@ -83,6 +83,99 @@ def test_sparse_mlm_head_equals_dense_head(teacher_dir, data_dir):
     assert float(sparse_loss) == pytest.approx(float(by_hand), rel=1e-5)
 
 
+def test_padded_vocabulary_changes_no_logit_no_gradient_and_no_export(tmp_path):
+    """The student's vocabulary rows are padded to a multiple of 64 (30,522 → 30,528): the seeded
+    initial rows are unchanged, the ties hold, the logits equal the unpadded model's, the extra
+    rows get exactly zero gradient and stay zero through AdamW with weight decay, and the export
+    has the tokenizer's 30,522 rows and the unpadded model's exact weights."""
+    from transformers import BertForMaskedLM
+
+    from budgetkd.models import (
+        create_student,
+        export_student,
+        pad_vocabulary,
+        padded_vocab_size,
+        resolve_architecture,
+        weights_fingerprint,
+    )
+
+    assert (padded_vocab_size(30522), padded_vocab_size(64), padded_vocab_size(65)) == (30528, 64, 128)
+    arch = resolve_architecture("bert-tiny")
+    plain = create_student(arch, 30522, 64, {"pad": 0}, seed=5).eval()
+    padded = create_student(arch, 30522, 64, {"pad": 0}, seed=5).eval()
+    pad_vocabulary(padded)
+    embeddings = padded.bert.embeddings.word_embeddings.weight
+    head = padded.cls.predictions
+    assert embeddings.shape == (30528, 128) and head.bias.shape == (30528,)
+    assert head.decoder.weight is embeddings and head.decoder.bias is head.bias
+    assert padded.config.vocab_size == 30522
+    assert torch.equal(embeddings[:30522], plain.bert.embeddings.word_embeddings.weight)
+    assert not embeddings[30522:].any()
+
+    ids = torch.randint(0, 30522, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([0, 7, 19, 30])
+    targets = torch.tensor([5, 17, 2000, 30521])
+    logits = sparse_mlm_logits(padded, encode(padded.bert, ids, None), positions)
+    reference = sparse_mlm_logits(plain, encode(plain.bert, ids, None), positions)
+    assert logits.shape == reference.shape == (4, 30522)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
+
+    optimizer = torch.optim.AdamW(padded.parameters(), lr=1e-2, weight_decay=0.1)
+    mlm_loss(logits, targets).backward()
+    assert embeddings.grad[:30522].abs().sum() > 0
+    assert not embeddings.grad[30522:].any() and not head.bias.grad[30522:].any()
+    optimizer.step()
+    assert not embeddings[30522:].any() and not head.bias[30522:].any()
+
+    fresh = create_student(arch, 30522, 64, {"pad": 0}, seed=5)
+    unpadded_fingerprint = weights_fingerprint(fresh)
+    pad_vocabulary(fresh)
+
+    class NoTokenizer:
+        def save_pretrained(self, path):
+            pass
+
+    export_student(fresh, NoTokenizer(), tmp_path / "model")
+    assert fresh.bert.embeddings.word_embeddings.weight.shape[0] == 30528  # padded again after the save
+    exported = BertForMaskedLM.from_pretrained(str(tmp_path / "model"))
+    assert exported.config.vocab_size == 30522
+    assert exported.bert.embeddings.word_embeddings.weight.shape == (30522, 128)
+    assert weights_fingerprint(exported) == unpadded_fingerprint
+
+
+def test_a_checkpoint_of_unpadded_weights_is_refused_in_one_line():
+    """A checkpoint written before the vocabulary was padded (30,522 rows) does not load into
+    today's student (30,528): a BudgetKDError naming the shapes, not a RuntimeError's traceback."""
+    from types import SimpleNamespace
+
+    from budgetkd.models import create_student, pad_vocabulary, resolve_architecture
+    from budgetkd.trainer.checkpoint import restore_training
+
+    arch = resolve_architecture("bert-tiny")
+    old = create_student(arch, 30522, 64, {"pad": 0}, seed=0)
+    new = create_student(arch, 30522, 64, {"pad": 0}, seed=0)
+    pad_vocabulary(new)
+    state = {"student": old.state_dict(), "strategy": {}, "optimizer": {}, "meter": {}}
+    module = SimpleNamespace(student=new, strategy=torch.nn.Module())
+    with pytest.raises(BudgetKDError, match=r"does not fit this run's model .*30522.*another configuration"):
+        restore_training(state, module, optimizer=None)
+
+
+def test_compile_is_on_by_default_on_cuda_only_and_never_changes_a_fingerprint(make_config, tmp_path):
+    """``compile`` unset compiles on CUDA and not elsewhere; it is an execution choice like
+    ``device``: a resumption may change it, and the run's identity (the stage fingerprints)
+    holds ``compile: false`` whatever it is, as every identity written before did."""
+    from budgetkd.trainer.setup import compiles
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert (compiles(None, cpu), compiles(None, cuda)) == (False, True)
+    assert (compiles(True, cpu), compiles(False, cuda)) == (True, False)
+    identities = [make_config(tmp_path / "run", compile=value).identity() for value in (None, True, False)]
+    assert all(identity["compile"] is False for identity in identities)
+    assert identities[0] == identities[1] == identities[2]
+    assert "compile" in TrainConfig.RESUMABLE_CHANGES
+
+
 # ------------------------------------------------------------------------------------------------
 # learning, determinism
 # ------------------------------------------------------------------------------------------------

@@ -153,7 +153,10 @@ def test_teacher_files_untouched_by_distillation(strategy_runs, teacher_run, tea
     teacher_state = torch.load(teacher_run / "checkpoint.pt", weights_only=False)["student"]
     with safe_open(str(teacher_dir / "model.safetensors"), framework="pt") as handle:
         for key in handle.keys():
-            assert torch.equal(handle.get_tensor(key), teacher_state[key]), key
+            exported = handle.get_tensor(key)
+            trained = teacher_state[key]  # its vocabulary rows padded to a multiple of 64 in training
+            assert torch.equal(exported, trained[: len(exported)]), key
+            assert not trained[len(exported) :].any(), key
 
 
 @pytest.mark.parametrize("strategy", ["vanilla", "minilm", "minilmv2"])

@@ -108,7 +108,9 @@ def _add_pretrain(parser: argparse.ArgumentParser) -> None:
     for name, (metavar, info) in cli_fields().items():
         flag = "--" + name.replace("_", "-")
         if metavar == "flag":
-            parser.add_argument(flag, action="store_true", default=None, help=info.description)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=info.description
+            )
             continue
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         help_text = (info.description or "") + (f" (default: {default})" if default is not None else "")

@@ -362,6 +362,9 @@ class TrainingConfig(Section):
     dropout: Fraction01 | None = Field(None, description="pretraining dropout (null: BERT's 0.1)")
     fixed_mask_count: bool = Field(False, description="every sequence gets round(15 % of its tokens) masks")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    compile: bool | None = Field(
+        None, description="torch.compile the micro-step (null: on with CUDA, off elsewhere)"
+    )
     checkpoint_interval_s: NonNegativeNumber = Field(
         600.0, description="checkpoint every so many seconds (0: off)"
     )
@@ -565,7 +568,10 @@ class ExperimentConfig(Section):
             "teacher_cost": _teacher_cost(self),
             "report": self.report.model_dump(),
             "optimizer": self.optimizer.model_dump(),
-            "training": self.training.model_dump(),
+            # compile at its default (null) is not recorded: experiment.json as before issue 22
+            "training": self.training.model_dump(
+                exclude={"compile"} if self.training.compile is None else None
+            ),
             "glue": self.glue.model_dump(),
         } | ({"pretrain_seeds": list(self.pretrain_seeds)} if self.pretrain_seeds != [0] else {})
         # at its default pretrain_seeds is not recorded: experiment.json (and what resumes) unchanged
@@ -694,8 +700,11 @@ class TrainConfig(BaseModel):
         json_schema_extra={"cli": "MODE"},
     )
     device: str = Field("auto", description="auto, cpu, cuda", json_schema_extra={"cli": "DEVICE"})
-    compile: bool = Field(
-        False, description="torch.compile the student (GPU)", json_schema_extra={"cli": "flag"}
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the whole micro-step (encoders, sparse MLM head, losses); "
+        "default: on with CUDA, off elsewhere",
+        json_schema_extra={"cli": "flag"},
     )
     log_every: PositiveInt = 10
     progress: bool = True
@@ -713,7 +722,7 @@ class TrainConfig(BaseModel):
 
     # Fields that may change between a run and its resumption.
     RESUMABLE_CHANGES: ClassVar[tuple] = (
-        "progress", "device", "log_every", "checkpoint_interval_s", "checkpoint_every_steps",
+        "progress", "device", "compile", "log_every", "checkpoint_interval_s", "checkpoint_every_steps",
     )  # fmt: skip
 
     def __init__(self, **values):
@@ -771,7 +780,12 @@ class TrainConfig(BaseModel):
         the locations (a moved run directory or dataset stays the same run; the data's content
         fingerprint stands in for its path)."""
         skip = set(self.RESUMABLE_CHANGES) | {"out", "data"}
-        return {k: v for k, v in self.resolved().items() if k not in skip}
+        identity = {k: v for k, v in self.resolved().items() if k not in skip}
+        # ``compile`` became an execution choice like ``device`` (on by default on CUDA; the same
+        # mathematics, float rounding apart): the identities — and so the stage fingerprints —
+        # written before kept ``compile: false``, and a finished stage must stay finished
+        identity["compile"] = False
+        return identity
 
 
 def cli_fields() -> dict[str, tuple[str, Any]]:

@@ -140,6 +140,80 @@ def create_student(arch: Architecture, vocab_size: int, seq_len: int, special_id
     return model
 
 
+# The student's word embeddings (and the decoder tied to them) hold a multiple of this many rows:
+# the MLM head's GEMM [P, D] × [D, V] and the dense embedding gradient then have an aligned
+# output dimension (30,522 → 30,528 for BERT's vocabulary), which GPU matrix kernels need for their
+# fastest tiles (nanoGPT's 50,257 → 50,304). The extra rows start at zero, no token id reaches
+# them, and every logit is sliced back to the tokenizer's vocabulary before a loss reads it
+# (:func:`sparse_mlm_logits`), so they never receive a gradient and stay zero: the losses are those
+# of the unpadded model. ``config.vocab_size`` stays the tokenizer's size; the export drops them.
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``⌈V / multiple⌉ · multiple``."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def pad_vocabulary(model: nn.Module, multiple: int = VOCAB_MULTIPLE) -> None:
+    """Grow a ``BertForMaskedLM``'s word embeddings, tied decoder and decoder bias in place to
+    :func:`padded_vocab_size` rows with zeros (the same Parameter objects: ties, optimizer
+    references and state-dict names stay). The first V rows, and so the seeded initial weights,
+    are unchanged."""
+    vocab = model.config.vocab_size
+    target = padded_vocab_size(vocab, multiple)
+    _resize_vocab_rows(model, target)
+
+
+def _vocab_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The distinct parameters with one row per token: word embeddings, decoder weight and bias."""
+    head = model.cls.predictions
+    candidates = [model.bert.embeddings.word_embeddings.weight, head.decoder.weight, head.bias]
+    if head.decoder.bias is not None:
+        candidates.append(head.decoder.bias)
+    unique: list[nn.Parameter] = []
+    for param in candidates:
+        if all(param is not seen for seen in unique):
+            unique.append(param)
+    return unique
+
+
+def _resize_vocab_rows(model: nn.Module, rows: int) -> None:
+    for param in _vocab_parameters(model):
+        current = param.data
+        if current.shape[0] == rows:
+            continue
+        if current.shape[0] > rows:
+            param.data = current[:rows]
+        else:
+            grown = current.new_zeros((rows, *current.shape[1:]))
+            grown[: current.shape[0]] = current
+            param.data = grown
+    model.bert.embeddings.word_embeddings.num_embeddings = rows
+    model.cls.predictions.decoder.out_features = rows
+
+
+@contextmanager
+def tokenizer_vocabulary(model: nn.Module):
+    """Within the block the model's vocabulary rows are the tokenizer's V (views of the padded
+    tensors, nothing copied); after it, the padded rows are back. For ``save_pretrained``."""
+    vocab = model.config.vocab_size
+    params = _vocab_parameters(model)
+    full = [param.data for param in params]
+    if all(data.shape[0] == vocab for data in full):
+        yield
+        return
+    rows = full[0].shape[0]
+    _resize_vocab_rows(model, vocab)
+    try:
+        yield
+    finally:
+        for param, data in zip(params, full):
+            param.data = data
+        model.bert.embeddings.word_embeddings.num_embeddings = rows
+        model.cls.predictions.decoder.out_features = rows
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Set every dropout probability of ``model`` to ``p`` at run time, leaving its config alone.
 
@@ -386,10 +460,21 @@ def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
 def sparse_mlm_logits(mlm_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The MLM head applied only at ``positions`` of ``hidden`` [B, L, D] → logits [P, V].
 
-    Same values as the dense head at those rows, at P/(B·L) of the head's cost (SPEC §2).
+    Same values as the dense head at those rows, at P/(B·L) of the head's cost (SPEC §2). A
+    student's padded vocabulary rows (:data:`VOCAB_MULTIPLE`) never reach a loss: V is
+    ``config.vocab_size``, the tokenizer's. On CUDA the decoder runs over all padded rows (the
+    aligned GEMM is the point of padding) and its output is sliced; elsewhere it runs over the
+    first V rows of the weight (a view), since slicing [P, V_pad] logits would copy them.
     """
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    return mlm_model.cls(flat)
+    head = mlm_model.cls.predictions
+    vocab = mlm_model.config.vocab_size
+    if head.decoder.out_features == vocab:
+        return mlm_model.cls(flat)
+    if flat.is_cuda:
+        return mlm_model.cls(flat)[:, :vocab]
+    bias = head.decoder.bias[:vocab] if head.decoder.bias is not None else None
+    return nn.functional.linear(head.transform(flat), head.decoder.weight[:vocab], bias)
 
 
 @dataclass(frozen=True)
@@ -465,15 +550,15 @@ def eval_mode(modules: Iterable[nn.Module]):
 
 
 def export_student(model: nn.Module, tokenizer, out_dir: str | Path) -> None:
-    """Write the student with ``save_pretrained`` plus its tokenizer (projections are not part of
-    the model and are therefore never exported)."""
+    """Write the student with ``save_pretrained`` plus its tokenizer, at the tokenizer's vocabulary
+    (padded rows dropped; projections are not part of the model and are never exported)."""
     import shutil
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    with _no_progress_bars():
+    with _no_progress_bars(), tokenizer_vocabulary(model):
         model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     from budgetkd.io import replace_dir

@@ -261,7 +261,7 @@ def train_config(cfg: dict, data_dir: Path, strategy: dict, *, budget: str, out:
         "fixed_mask_count": training["fixed_mask_count"], "num_evals": training["num_evals"],
         "eval_sequences": training["eval_sequences"], "checkpoint_interval_s": training["checkpoint_interval_s"],
         "checkpoint_every_steps": training["checkpoint_every_steps"], "on_nonfinite": training["on_nonfinite"],
-        "device": training["device"], "progress": progress,
+        "device": training["device"], "compile": training.get("compile"), "progress": progress,
     }  # fmt: skip
     return TrainConfig(**{**values, **overrides})
 
@@ -294,7 +294,8 @@ def teacher_train_config(cfg: dict, data_dir: Path, out: Path, progress: bool = 
         seed=cfg["seed"] + 1000, num_evals=training["num_evals"], eval_sequences=training["eval_sequences"],
         # the teacher is often the longest stage: checkpoint it like the others
         checkpoint_interval_s=training["checkpoint_interval_s"],
-        checkpoint_every_steps=training["checkpoint_every_steps"], device=training["device"], progress=progress,
+        checkpoint_every_steps=training["checkpoint_every_steps"], device=training["device"],
+        compile=training.get("compile"), progress=progress,
     )  # fmt: skip
 
 

@@ -55,6 +55,7 @@ from budgetkd.trainer.setup import (
     build_strategy,
     build_student,
     check_teacher,
+    compiles,
     open_data,
 )
 from budgetkd.trainer.step import (
@@ -237,11 +238,12 @@ class Pretrainer:
         self.strategy = build_strategy(
             self.strategy_cls, cfg.strategy_options, cfg.seed, self.student.config, teacher_config
         )
+        self.compiled = compiles(cfg.compile, self.device)
         self.batches, self.val_batches, self.micro_batch_size = build_batches(
-            cfg, self.data, self.data_seed, self.mask_seed, self.rank, self.world_size
+            cfg, self.data, self.data_seed, self.mask_seed, self.rank, self.world_size, self.compiled
         )
         self.module, self.model, self.teacher_runner = build_module(
-            self.student, self.strategy, self.teacher, self.device, cfg.compile
+            self.student, self.strategy, self.teacher, self.device, self.compiled
         )
         self.optimizer = build_optimizer(self.module, cfg, self.lr, self.device)
         self.meter = Meter(num_train_sequences=self.data.num_train, charge_teacher=cfg.charge_teacher)

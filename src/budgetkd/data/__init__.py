@@ -13,6 +13,7 @@ _WHERE = {
     "PackedData": "budgetkd.data.dataset",
     "StepBatches": "budgetkd.data.dataset",
     "validation_batches": "budgetkd.data.dataset",
+    "regroup_batches": "budgetkd.data.dataset",
     "MaskingConfig": "budgetkd.data.masking",
     "mask_tokens": "budgetkd.data.masking",
     "prepare_dataset": "budgetkd.data.prepare",

@@ -222,6 +222,19 @@ def validation_batches(
     return batches
 
 
+def regroup_batches(
+    batches: list[tuple[torch.Tensor, ...]], batch_size: int
+) -> list[tuple[torch.Tensor, ...]]:
+    """The same rows (and so the same masks) in the same order, cut into batches of
+    ``batch_size`` (the last one may be smaller): validation at the training micro-batch's shape,
+    which a compiled step has a graph for."""
+    if not batches:
+        return batches
+    columns = [torch.cat(parts) for parts in zip(*batches)]
+    starts = range(0, len(columns[0]), batch_size)
+    return [tuple(column[start : start + batch_size] for column in columns) for start in starts]
+
+
 def _mix(seed: int, step: int) -> int:
     """A 63-bit generator seed from (seed, step), well spread (SplitMix64 finaliser)."""
     z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF

@@ -101,8 +101,15 @@ def read_state(path: Path, what: str, device: torch.device) -> dict:
 
 def restore_training(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> Meter:
     """Load the student, the strategy's parameters and the optimizer; return the saved meter."""
-    module.student.load_state_dict(state["student"])
-    module.strategy.load_state_dict(state["strategy"])
+    try:
+        module.student.load_state_dict(state["student"])
+        module.strategy.load_state_dict(state["strategy"])
+    except RuntimeError as exc:  # shapes of another architecture, or of a version before padding
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise BudgetKDError(
+            f"the checkpoint does not fit this run's model ({detail[:160]}); it was written by another "
+            "configuration or budgetkd version — start the run again (--force) or resume it with that version"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     return Meter.from_state_dict(state["meter"])
 

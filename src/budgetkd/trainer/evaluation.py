@@ -15,7 +15,7 @@ from torch import nn
 from budgetkd.budget import Budget, Meter
 from budgetkd.losses import mlm_loss
 from budgetkd.models import encode, predicted_positions, sparse_mlm_logits
-from budgetkd.trainer.step import TeacherRunner
+from budgetkd.trainer.step import TeacherRunner, dynamic_count
 
 
 @torch.no_grad()
@@ -46,9 +46,10 @@ def validation_losses(
         total_mlm += float(mlm_loss(logits, targets)) * len(positions)
         weight_mlm += len(positions)
         if teacher_runner is not None:
-            teacher_out, teacher_logits = teacher_runner(input_ids, attention_mask, labels)
+            dynamic_count(positions)  # as in training: one compiled graph for every count
+            teacher_out, teacher_logits = teacher_runner(input_ids, attention_mask, labels, positions)
             with autocast():
-                loss, _ = module(input_ids, attention_mask, labels, teacher_out, teacher_logits)
+                loss, _ = module(input_ids, attention_mask, labels, teacher_out, teacher_logits, positions)
             n = len(positions) if normalizer == "predicted" else int(attention_mask.sum())
             total_kd += float(loss) * n
             weight_kd += n

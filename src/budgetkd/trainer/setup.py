@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from budgetkd import distributed as dist_utils
-from budgetkd.data import MaskingConfig, PackedData, StepBatches, validation_batches
+from budgetkd.data import MaskingConfig, PackedData, StepBatches, regroup_batches, validation_batches
 from budgetkd.data.dataset import resolve_micro_batch
 from budgetkd.errors import BudgetKDError
-from budgetkd.models import check_vocabulary, create_student, set_dropout
+from budgetkd.models import check_vocabulary, create_student, pad_vocabulary, set_dropout
 from budgetkd.strategies import Strategy
 from budgetkd.trainer.step import TeacherRunner, TrainModule
 
@@ -47,8 +47,10 @@ def open_data(path: str):
 
 
 def build_student(arch, data: PackedData, seed: int, dropout: float | None) -> nn.Module:
-    """A freshly initialised student (seeded by ``seed``) for the data's vocabulary and length."""
+    """A freshly initialised student (seeded by ``seed``) for the data's vocabulary and length,
+    its vocabulary rows padded to a multiple of 64 (``models.VOCAB_MULTIPLE``)."""
     student = create_student(arch, data.vocab_size, data.seq_len, data.special_ids, seed)
+    pad_vocabulary(student)  # aligned GEMMs on a GPU; the losses and the export see V (models.py)
     if dropout is not None:
         # Pretraining dropout is a property of this run (run_config.json), not of the model:
         # only the modules change. The config keeps BERT's 0.1, so the exported model is
@@ -82,9 +84,24 @@ def build_strategy(strategy_cls: type[Strategy], options: dict, seed: int, stude
         return strategy_cls(options, student_config, teacher_config)
 
 
-def build_batches(cfg, data: PackedData, data_seed: int, mask_seed: int, rank: int, world_size: int):
+def compiles(compile: bool | None, device: torch.device) -> bool:
+    """The ``compile`` field resolved: None (the default) compiles on CUDA only."""
+    return device.type == "cuda" if compile is None else bool(compile)
+
+
+def build_batches(
+    cfg,
+    data: PackedData,
+    data_seed: int,
+    mask_seed: int,
+    rank: int,
+    world_size: int,
+    compiled: bool = False,
+):
     """(training batches, validation batches, per-process micro-batch size). ``micro_batch_size``
-    is the most one device holds; the per-process micro-batch is resolved from the world size."""
+    is the most one device holds; the per-process micro-batch is resolved from the world size.
+    ``compiled``: the validation rows (masks drawn as always, ``eval_batch_size`` at a time) are
+    regrouped at the micro-batch size, the shape the compiled step has a graph for."""
     masking = MaskingConfig(
         vocab_size=data.vocab_size,
         mask_id=int(data.special_ids["mask"]),
@@ -103,11 +120,12 @@ def build_batches(cfg, data: PackedData, data_seed: int, mask_seed: int, rank: i
         world_size=world_size,
     )
     val = validation_batches(data, cfg.eval_batch_size, masking, mask_seed, max_sequences=cfg.eval_sequences)
-    return batches, val, micro
+    return batches, regroup_batches(val, micro) if compiled else val, micro
 
 
-def build_module(student: nn.Module, strategy: Strategy, teacher, device: torch.device, compile: bool):
-    """(TrainModule, the module the loop calls — DDP-wrapped under torchrun —, TeacherRunner or None)."""
+def build_module(student: nn.Module, strategy: Strategy, teacher, device: torch.device, compiled: bool):
+    """(TrainModule, the module the loop calls — DDP-wrapped under torchrun —, TeacherRunner or None);
+    ``compiled``: :func:`compile_micro_step`."""
     if device.type == "cuda":
         # TF32 for what still runs in fp32 on the GPU (outside bf16 autocast: the losses' fp32
         # products, fp32 matmuls a user adds); a process-wide setting, CUDA only — CPU untouched
@@ -123,16 +141,26 @@ def build_module(student: nn.Module, strategy: Strategy, teacher, device: torch.
         or not module.depth.is_full(student.config.num_hidden_layers),
     )
     runner = TeacherRunner(teacher, strategy, device) if teacher else None
-    if compile:
-        # Compile the encoder forwards (to their depth) in place: state-dict names, hooks and
-        # DDP stay as they are. Their inputs have static shapes [micro-batch, L]; the sparse
-        # MLM head and the losses see a different number of masked positions every
-        # micro-batch and stay eager, so no step pays a recompilation (the uncharged warm-up
-        # step, run under the training step's own contexts, compiles what training runs).
-        module.encode = torch.compile(module.encode, dynamic=False)
-        if runner is not None:
-            runner.encode = torch.compile(runner.encode, dynamic=False)
+    if compiled:
+        compile_micro_step(module, runner)
     return module, model, runner
+
+
+def compile_micro_step(module: TrainModule, runner: TeacherRunner | None) -> None:
+    """``torch.compile`` the whole micro-step's forward in place: the student's encoder (to its
+    depth), sparse MLM head and the strategy's loss as one graph, and the teacher's encoder and
+    head as another; the backward follows from the student's graph. State-dict names, hooks and
+    DDP stay as they are (DDP calls the module, whose ``forward`` is the compiled one).
+
+    Shapes are static — [micro-batch, L] — except the number of predicted positions P, which
+    differs between micro-batches: the loop marks it dynamic (``step.dynamic_count``), so one
+    graph serves every P and no charged step recompiles (the uncharged warm-up step, run under
+    the training step's own contexts, compiles what training runs). Validation runs at the
+    micro-batch size (``build_batches``) in eval mode: one more graph, compiled at the first
+    evaluation, whose time is excluded from the budget."""
+    module.forward = torch.compile(module.forward)
+    if runner is not None:
+        runner.forward = torch.compile(runner.forward)
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -69,7 +70,7 @@ class TrainModule(nn.Module):
 
 
 def _encoder(encoder: nn.Module, depth: Depth):
-    """``encode`` bound to one encoder and depth: the unit that ``compile: true`` compiles."""
+    """``encode`` bound to one encoder and depth (the forward's first part)."""
 
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return encode(encoder, input_ids, attention_mask, depth)
@@ -106,20 +107,37 @@ class TeacherRunner:
     def __call__(
         self, input_ids, attention_mask, labels, positions: torch.Tensor | None = None, padded: bool = True
     ) -> tuple[dict, torch.Tensor | None]:
-        self.capture.clear()
+        if positions is None and self.strategy.needs_teacher_logits:
+            positions = predicted_positions(labels)
         precision = training_precision(self.device) if self.bf16 else contextlib.nullcontext()
         with torch.inference_mode(), precision:
-            hidden = self.encode(input_ids, attention_mask if padded else None)
-            logits = None
-            if self.strategy.needs_teacher_logits:
-                if positions is None:
-                    positions = predicted_positions(labels)
-                logits = sparse_mlm_logits(self.teacher.model, hidden, positions)
+            values, logits = self.forward(input_ids, attention_mask if padded else None, positions)
         # Inference tensors cannot be saved for the student's backward; a clone outside
         # inference mode is an ordinary tensor (and stays detached from any graph).
-        values = {key: value.clone() for key, value in self.capture.values.items()}
+        values = {key: value.clone() for key, value in values.items()}
+        return values, (dynamic_count(logits.clone()) if logits is not None else None)
+
+    def forward(self, input_ids, attention_mask, positions) -> tuple[dict, torch.Tensor | None]:
+        """The captured internals and the sparse logits at ``positions`` (when the strategy reads
+        them): the unit ``compile`` compiles (``setup.compile_micro_step``)."""
         self.capture.clear()
-        return values, (logits.clone() if logits is not None else None)
+        hidden = self.encode(input_ids, attention_mask)
+        logits = None
+        if self.strategy.needs_teacher_logits:
+            logits = sparse_mlm_logits(self.teacher.model, hidden, positions)
+        values = dict(self.capture.values)
+        self.capture.clear()
+        return values, logits
+
+
+def dynamic_count(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Mark dimension 0 (the number of predicted positions P) dynamic for ``torch.compile``: one
+    graph for every P rather than a recompilation per distinct count. A no-op until something
+    compiled (``torch.compile`` imports ``torch._dynamo``), so eager runs never import it."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and tensor is not None and tensor.dim() > 0:
+        dynamo.maybe_mark_dynamic(tensor, 0)
+    return tensor
 
 
 def training_precision(device: torch.device):
@@ -223,6 +241,7 @@ def accumulate_gradients(
         attention_mask = micro.attention_mask.to(device, non_blocking=True)
         labels = micro.labels.to(device, non_blocking=True)
         positions = micro.positions.to(device, non_blocking=True) if micro.positions is not None else None
+        dynamic_count(positions)
         padded = micro.padded
         teacher_out, teacher_logits = {}, None
         if teacher_runner is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from budgetkd.budget import Budget, Meter
+from budgetkd.models import tokenizer_vocabulary
 from budgetkd.trainer import SUMMARY_VERSION
 
 
@@ -52,6 +53,12 @@ def training_rules(config: Any) -> dict:
     }
 
 
+def exported_parameters(student) -> int:
+    """The student's parameters as exported: at the tokenizer's vocabulary, not the padded one."""
+    with tokenizer_vocabulary(student):
+        return sum(p.numel() for p in student.parameters())
+
+
 def run_summary(run: Any) -> dict:
     """summary.json: strategy, budget, consumption in every currency, validation losses."""
     final = run.history[-1] if run.history else {}
@@ -64,7 +71,7 @@ def run_summary(run: Any) -> dict:
         "display_name": run.strategy_cls.display_name,
         "teacher": run.config.teacher,
         "student": run.arch.to_dict(),
-        "parameters": sum(p.numel() for p in run.module.student.parameters()),
+        "parameters": exported_parameters(run.module.student),
         "budget": budget.to_dict(),
         # as configured: an epochs budget trains ⌊E·N/B⌋ full batches, recorded above as steps
         "budget_requested": getattr(run, "budget_requested", budget).to_dict(),
