@@ -1,6 +1,7 @@
 """Unpadded GLUE fine-tuning: a packed batch (examples in rows of ≤ 128 tokens, attention blocked
 per example, positions restarting, each example's own [CLS]) computes the padded batch's logits,
-loss and gradients, so a fine-tuning run gives the padded run's dev predictions."""
+loss and gradients — with dropout too, its masks drawn in the padded layout and gathered — so a
+fine-tuning run gives the padded run's dev predictions."""
 
 from __future__ import annotations
 
@@ -25,14 +26,12 @@ GRAD_RTOL = 1e-5
 STEP_LOSS_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """2-layer, 32-hidden BERT, dropout off, the real uncased vocabulary (random weights)."""
+def _tiny_bert(path: Path, dropout: float) -> Path:
+    """2-layer, 32-hidden BERT with the real uncased vocabulary (random weights)."""
     if not (VOCAB_DIR / "vocab.txt").is_file() or not GLUE_DIR.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    path = tmp_path_factory.mktemp("unpad-bert")
     tokenizer = BertTokenizerFast.from_pretrained(str(VOCAB_DIR), do_lower_case=True)
     tokenizer.save_pretrained(path)
     config = BertConfig(
@@ -41,13 +40,30 @@ def model_dir(tmp_path_factory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(0)
     with finetune.quiet_transformers():
         BertForMaskedLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """Dropout off."""
+    return _tiny_bert(tmp_path_factory.mktemp("unpad-bert"), 0.0)
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory) -> Path:
+    """BERT's dropout 0.1 (hidden and attention probabilities)."""
+    return _tiny_bert(tmp_path_factory.mktemp("unpad-bert-dropout"), 0.1)
+
+
+@pytest.fixture(params=[0.0, 0.1], ids=["no-dropout", "dropout"])
+def any_model_dir(request) -> Path:
+    return request.getfixturevalue("dropout_model_dir" if request.param else "model_dir")
 
 
 def _encoded(model_dir, task_name: str, n_train: int, n_dev: int):
@@ -81,6 +97,7 @@ def test_pack_restarts_positions_keeps_token_types_and_points_at_each_cls(model_
 
 
 def _logits_loss_grads(net, model, batch):
+    torch.manual_seed(11)  # the same generator state for both layouts: the dropout masks' source
     out = net(**batch)
     grads = torch.autograd.grad(out.loss, [p for p in model.parameters()], allow_unused=True)
     return out.logits.detach(), out.loss.detach(), grads
@@ -90,12 +107,13 @@ def _logits_loss_grads(net, model, batch):
     ("task_name", "attn"),
     [("sst2", "sdpa"), ("rte", "sdpa"), ("mrpc", "sdpa"), ("stsb", "sdpa"), ("mrpc", "eager")],
 )
-def test_packed_batch_has_the_padded_batch_s_logits_loss_and_gradients(model_dir, task_name, attn):
+def test_packed_batch_has_the_padded_batch_s_logits_loss_and_gradients(any_model_dir, task_name, attn):
+    model_dir = any_model_dir
     task, tokenizer, train, _ = _encoded(model_dir, task_name, 48, 1)
     torch.manual_seed(1)
     model = finetune.load_classifier(model_dir, task, tokenizer.pad_token_id, attn_implementation=attn)
     assert finetune.packing_supported(model)
-    model.train()  # dropout is 0: train mode is deterministic and is what training runs
+    model.train()  # with dropout: the padded layout's masks (packed_dropout), same seed before each
     net = finetune.PackedClassifier(model)
     indices = np.arange(7, 39)  # 32 examples of varied lengths
     if task_name != "sst2":
@@ -117,7 +135,8 @@ def test_packed_batch_has_the_padded_batch_s_logits_loss_and_gradients(model_dir
 
 
 @pytest.mark.parametrize("task_name", ["sst2", "stsb"])
-def test_unpadded_fine_tuning_gives_the_padded_run_s_dev_predictions(model_dir, task_name):
+def test_unpadded_fine_tuning_gives_the_padded_run_s_dev_predictions(any_model_dir, task_name):
+    model_dir = any_model_dir
     task, tokenizer, train, dev = _encoded(model_dir, task_name, 96, 64)
     common = dict(
         learning_rate=3e-4,
@@ -144,7 +163,8 @@ def test_unpadded_fine_tuning_gives_the_padded_run_s_dev_predictions(model_dir, 
         assert unpadded.metrics == padded.metrics
 
 
-def test_stacked_unpadded_members_equal_the_padded_stacked_group(model_dir):
+def test_stacked_unpadded_members_equal_the_padded_stacked_group(any_model_dir):
+    model_dir = any_model_dir
     task, tokenizer, train, dev = _encoded(model_dir, "mrpc", 48, 32)
     common = dict(
         learning_rates=(3e-4, 1e-3),
@@ -160,6 +180,86 @@ def test_stacked_unpadded_members_equal_the_padded_stacked_group(model_dir):
         assert b.unpadded and not a.unpadded
         np.testing.assert_allclose(b.step_losses, a.step_losses, rtol=STEP_LOSS_RTOL)
         assert b.predictions == a.predictions
+
+
+def test_padded_layout_gathers_each_token_s_padded_mask_entries():
+    """Two examples of 3 and 2 tokens packed into one row of 5 (plus a tail of 1): the packed
+    token (0, 3) is example 1's position 0, so it takes the padded mask's entry (1, 0); its
+    attention towards (0, 4) takes (1, h, 0, 1). Drawn from the same generator state as
+    ``F.dropout`` on the padded [2, 3, ·] tensors."""
+    from budgetkd.glue.packed_dropout import PaddedLayout
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    layout = PaddedLayout.of_packed(segments, positions, batch=2)
+    assert layout.length == 3
+    like = torch.zeros(1, 6, 8)
+    torch.manual_seed(4)
+    padded = torch.nn.functional.dropout(torch.ones(2, 3, 8), 0.5, True)
+    torch.manual_seed(4)
+    packed = layout.hidden_noise(0.5, like)
+    assert packed.shape == (1, 6, 8) and set(padded.unique().tolist()) == {0.0, 2.0}
+    for w, (b, t) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]):
+        assert torch.equal(packed[0, w], padded[b, t])
+    probs = torch.zeros(1, 2, 6, 6)  # [R, heads, W, W]
+    torch.manual_seed(5)
+    padded = torch.nn.functional.dropout(torch.ones(2, 2, 3, 3), 0.5, True)
+    torch.manual_seed(5)
+    packed = layout.attention_noise(0.5, probs)
+    assert packed.shape == (1, 2, 6, 6)
+    for h in range(2):
+        assert packed[0, h, 3, 4] == padded[1, h, 0, 1] and packed[0, h, 4, 3] == padded[1, h, 1, 0]
+        assert torch.equal(packed[0, h, :3, :3], padded[0, h])
+        assert torch.equal(packed[0, h, 3:5, 3:5], padded[1, h, :2, :2])
+
+
+def test_without_the_padded_layout_s_masks_the_packed_batch_is_another_draw(dropout_model_dir, monkeypatch):
+    """What the equality tests above rule out: packed rows drawing their own masks (the layout
+    off) give other logits than the padded batch from the same generator state."""
+    from budgetkd.glue import packed_dropout
+
+    task, tokenizer, train, _ = _encoded(dropout_model_dir, "mrpc", 48, 1)
+    torch.manual_seed(1)
+    model = finetune.load_classifier(dropout_model_dir, task, tokenizer.pad_token_id)
+    model.train()
+    net, indices = finetune.PackedClassifier(model), np.arange(7, 39)
+    padded = _logits_loss_grads(model, model, train.collate(indices))[0]
+    same = _logits_loss_grads(net, model, train.pack(indices, 128))[0]
+    monkeypatch.setattr(packed_dropout, "applies", lambda model, device: False)
+    own = _logits_loss_grads(net, model, train.pack(indices, 128))[0]
+    torch.testing.assert_close(same, padded, atol=LOGIT_ATOL, rtol=0)
+    assert float((own - padded).abs().max()) > 100 * LOGIT_ATOL
+
+
+def test_the_padded_layout_s_modules_are_restored_after_each_forward(dropout_model_dir):
+    from budgetkd.glue import packed_dropout
+
+    task, tokenizer, train, _ = _encoded(dropout_model_dir, "sst2", 16, 1)
+    model = finetune.load_classifier(dropout_model_dir, task, tokenizer.pad_token_id)
+    model.train()
+    before = [type(m).__name__ for m in model.modules()]
+    batch = train.pack(np.arange(8), 128)
+    finetune.PackedClassifier(model)(**batch).loss.backward()
+    layout = packed_dropout.PaddedLayout.of_packed(batch["segments"], batch["position_ids"], 8)
+    with pytest.raises(RuntimeError), packed_dropout.padded_layout_dropout(model, layout):
+        assert model.config._attn_implementation == packed_dropout.ATTENTION_NAME
+        raise RuntimeError("a failing step")
+    assert [type(m).__name__ for m in model.modules()] == before
+    assert model.config._attn_implementation == "sdpa" and "LayoutDropout" not in before
+
+
+def test_the_padded_layout_applies_where_the_padded_masks_are_reproducible(model_dir, dropout_model_dir):
+    """CPU (SDPA with dropout runs its math path there) and eager attention anywhere; not CUDA's
+    fused SDPA kernels (their own random stream), and not without dropout (nothing to draw)."""
+    from budgetkd.glue import packed_dropout
+
+    task = TASKS["sst2"]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    sdpa = finetune.load_classifier(dropout_model_dir, task)
+    eager = finetune.load_classifier(dropout_model_dir, task, attn_implementation="eager")
+    assert packed_dropout.applies(sdpa, cpu) and not packed_dropout.applies(sdpa, cuda)
+    assert packed_dropout.applies(eager, cuda)
+    assert not packed_dropout.applies(finetune.load_classifier(model_dir, task), cpu)
 
 
 def test_models_without_a_packed_path_train_padded(model_dir, tmp_path):

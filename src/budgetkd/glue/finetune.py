@@ -10,7 +10,9 @@ The recipe, identical for every model (no per-model cases):
   padded per batch to the longest sequence (the equivalent of ``DataCollatorWithPadding``) or,
   by default, the same batch *unpadded*: its examples packed into rows of ≤ 128 tokens with
   attention blocked per example (:class:`PackedClassifier`; same logits, loss and gradients up to
-  float summation order; BERT classifiers, others run padded).
+  float summation order, dropout included: its masks are drawn in the padded batch's shape and
+  gathered, :mod:`budgetkd.glue.packed_dropout`, except under CUDA's fused attention kernels;
+  BERT classifiers, others run padded).
 - AdamW (β = (0.9, 0.999), ε = 1e-8, the ``transformers`` defaults), weight decay 0.01 on every
   parameter except biases and normalisation-layer weights; gradient norm clipped to 1.0.
 - Learning rate: linear warm-up over the first ⌈0.06·T⌉ steps to the peak, linear decay to 0 at
@@ -41,12 +43,16 @@ import torch
 from tqdm.auto import tqdm
 
 from budgetkd.errors import BudgetKDError
+from budgetkd.glue import packed_dropout
 from budgetkd.glue.loading import GlueSplit
 from budgetkd.glue.metrics import compute_metrics
 from budgetkd.glue.tasks import GlueTask
 
 # Bump when the recipe's code changes in a way that changes results: invalidates cached runs.
 RECIPE_VERSION = 1
+# The packed path's own version, in unpadded runs' fingerprints (padded runs' stay valid): 2 draws
+# the dropout masks in the padded layout (packed_dropout), where version 1 drew them packed.
+PACKED_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -349,7 +355,10 @@ class PackedClassifier(torch.nn.Module):
     real token's hidden state is the one it has in the padded batch (a padded example's pad tokens
     are masked keys there: they change nothing either). The pooler, dropout and head read each
     example's own [CLS] (``cls_index``), in batch order, so logits are ``[B, C]`` as padded, and
-    the loss is the model's own (:func:`sequence_classification_loss`, mean over examples)."""
+    the loss is the model's own (:func:`sequence_classification_loss`, mean over examples).
+    In training, every dropout mask is the padded batch's, drawn in its shape and gathered
+    (:mod:`budgetkd.glue.packed_dropout`), wherever the padded model's masks are reproducible
+    (CPU; eager attention): the packed run is then the padded run, dropout included."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -363,13 +372,18 @@ class PackedClassifier(torch.nn.Module):
         mask = block_diagonal_mask(
             segments, model.config._attn_implementation, base.embeddings.word_embeddings.weight.dtype
         )
-        hidden = base(
-            input_ids=input_ids,
-            attention_mask=mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            return_dict=True,
-        ).last_hidden_state
+        masks = contextlib.nullcontext()
+        if model.training and packed_dropout.applies(model, input_ids.device):
+            layout = packed_dropout.PaddedLayout.of_packed(segments, position_ids, cls_index.numel())
+            masks = packed_dropout.padded_layout_dropout(model, layout)
+        with masks:
+            hidden = base(
+                input_ids=input_ids,
+                attention_mask=mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                return_dict=True,
+            ).last_hidden_state
         first = hidden.flatten(0, 1).index_select(0, cls_index)  # [B, D], example order
         logits = model.classifier(model.dropout(base.pooler(first.unsqueeze(1))))
         loss = None if labels is None else sequence_classification_loss(model.config, logits, labels)

@@ -220,7 +220,7 @@ class GluePlan:
         if self.group_by_length:  # absent when off: the paper recipe
             inputs["group_by_length"] = True
         if self.unpad:  # absent when padded: padded runs cached before unpadding stay valid
-            inputs["unpad"] = True
+            inputs["unpad"] = finetune.PACKED_VERSION
         return inputs
 
     def jobs(self) -> list[GlueJob]:
