@@ -26,7 +26,7 @@ GRAD_RTOL = 1e-5
 STEP_LOSS_RTOL = 1e-4
 
 
-def _tiny_bert(path: Path, dropout: float) -> Path:
+def _tiny_bert(path: Path, dropout: float, attention_dropout: float | None = None) -> Path:
     """2-layer, 32-hidden BERT with the real uncased vocabulary (random weights)."""
     if not (VOCAB_DIR / "vocab.txt").is_file() or not GLUE_DIR.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
@@ -41,7 +41,7 @@ def _tiny_bert(path: Path, dropout: float) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout if attention_dropout is None else attention_dropout,
     )
     torch.manual_seed(0)
     with finetune.quiet_transformers():
@@ -184,15 +184,17 @@ def test_stacked_unpadded_members_equal_the_padded_stacked_group(any_model_dir):
 
 def test_padded_layout_gathers_each_token_s_padded_mask_entries():
     """Two examples of 3 and 2 tokens packed into one row of 5 (plus a tail of 1): the packed
-    token (0, 3) is example 1's position 0, so it takes the padded mask's entry (1, 0); its
-    attention towards (0, 4) takes (1, h, 0, 1). Drawn from the same generator state as
-    ``F.dropout`` on the padded [2, 3, ·] tensors."""
+    token (0, 3) is example 1's position 0, so it takes the padded mask's row (1, 0). Drawn from
+    the same generator state as ``F.dropout`` on the padded [2, 3, ·] tensor."""
     from budgetkd.glue.packed_dropout import PaddedLayout
 
     segments = torch.tensor([[0, 0, 0, 1, 1, -1]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    layout = PaddedLayout.of_packed(segments, positions, batch=2)
-    assert layout.length == 3
+    layout = PaddedLayout.of_packed(segments, positions, cls_index=torch.tensor([0, 3]))
+    assert (layout.batch, layout.length, layout.rows, layout.width) == (2, 3, 1, 6)
+    assert layout.to_packed.tolist() == [0, 1, 2, 3, 4, 0]  # b·3 + t; the tail reads (0, 0)
+    assert layout.to_padded.tolist() == [0, 1, 2, 3, 4, 3]  # the pad (1, 2) reads example 1's [CLS]
+    assert layout.valid.tolist() == [[True, True, True], [True, True, False]]
     like = torch.zeros(1, 6, 8)
     torch.manual_seed(4)
     padded = torch.nn.functional.dropout(torch.ones(2, 3, 8), 0.5, True)
@@ -201,16 +203,44 @@ def test_padded_layout_gathers_each_token_s_padded_mask_entries():
     assert packed.shape == (1, 6, 8) and set(padded.unique().tolist()) == {0.0, 2.0}
     for w, (b, t) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]):
         assert torch.equal(packed[0, w], padded[b, t])
-    probs = torch.zeros(1, 2, 6, 6)  # [R, heads, W, W]
-    torch.manual_seed(5)
-    padded = torch.nn.functional.dropout(torch.ones(2, 2, 3, 3), 0.5, True)
-    torch.manual_seed(5)
-    packed = layout.attention_noise(0.5, probs)
-    assert packed.shape == (1, 2, 6, 6)
-    for h in range(2):
-        assert packed[0, h, 3, 4] == padded[1, h, 0, 1] and packed[0, h, 4, 3] == padded[1, h, 1, 0]
-        assert torch.equal(packed[0, h, :3, :3], padded[0, h])
-        assert torch.equal(packed[0, h, 3:5, 3:5], padded[1, h, :2, :2])
+
+
+def test_padded_layout_moves_attention_inputs_to_the_padded_batch_and_back():
+    """``padded`` puts packed [R, heads, W, d] at padded [B, heads, L, d] (a pad position holds
+    its example's first token: a masked key); ``packed`` takes [B, L, heads, d] back; the key
+    mask is the padded batch's, None when no example is padded (as transformers passes it)."""
+    from budgetkd.glue.packed_dropout import PaddedLayout
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, -1, -1, -1, -1]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 0, 0, 0]])
+    layout = PaddedLayout.of_packed(segments, positions, cls_index=torch.tensor([0, 3, 6]))
+    x = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1, 1).expand(2, 6, 2, 3)  # value = flat index
+    padded = layout.padded(x.transpose(1, 2))  # as attention receives it: [R, heads, W, d]
+    assert padded.shape == (3, 2, 3, 3)
+    assert padded[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 3], [6, 7, 6]]
+    back = layout.packed(padded.transpose(1, 2))  # attention's output layout: [B, L, heads, d]
+    real = segments.flatten() >= 0
+    assert torch.equal(back.flatten(0, 1)[real], x.flatten(0, 1)[real])
+    mask = layout.key_mask("sdpa", torch.float32)
+    assert mask.shape == (3, 1, 3, 3) and mask[1, 0, 0].tolist() == [True, True, False]
+    additive = layout.key_mask("eager", torch.float32)
+    assert additive[2, 0, 1].tolist() == [0.0, 0.0, torch.finfo(torch.float32).min]
+    unpadded = PaddedLayout.of_packed(segments[:1, :3], positions[:1, :3], cls_index=torch.tensor([0]))
+    assert unpadded.key_mask("sdpa", torch.float32) is None
+
+
+def test_dropout_on_hidden_states_only_or_attention_only_is_the_padded_run_s(tmp_path):
+    """One site without dropout: attention without dropout runs packed (nothing to draw), the
+    hidden states' masks still come from the padded layout; and the other way round."""
+    for hidden, attention in ((0.1, 0.0), (0.0, 0.1)):
+        model_dir = _tiny_bert(tmp_path / f"h{hidden}-a{attention}", hidden, attention)
+        task, tokenizer, train, _ = _encoded(model_dir, "mrpc", 48, 1)
+        model = finetune.load_classifier(model_dir, task, tokenizer.pad_token_id)
+        model.train()
+        indices = np.arange(7, 39)
+        padded = _logits_loss_grads(model, model, train.collate(indices))[0]
+        packed = _logits_loss_grads(finetune.PackedClassifier(model), model, train.pack(indices, 128))[0]
+        torch.testing.assert_close(packed, padded, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_without_the_padded_layout_s_masks_the_packed_batch_is_another_draw(dropout_model_dir, monkeypatch):
@@ -240,12 +270,16 @@ def test_the_padded_layout_s_modules_are_restored_after_each_forward(dropout_mod
     before = [type(m).__name__ for m in model.modules()]
     batch = train.pack(np.arange(8), 128)
     finetune.PackedClassifier(model)(**batch).loss.backward()
-    layout = packed_dropout.PaddedLayout.of_packed(batch["segments"], batch["position_ids"], 8)
+    layout = packed_dropout.PaddedLayout.of_packed(
+        batch["segments"], batch["position_ids"], batch["cls_index"]
+    )
     with pytest.raises(RuntimeError), packed_dropout.padded_layout_dropout(model, layout):
         assert model.config._attn_implementation == packed_dropout.ATTENTION_NAME
+        assert "LayoutDropout" in [type(m).__name__ for m in model.modules()]
         raise RuntimeError("a failing step")
     assert [type(m).__name__ for m in model.modules()] == before
     assert model.config._attn_implementation == "sdpa" and "LayoutDropout" not in before
+    assert packed_dropout._CURRENT.get() is None
 
 
 def test_the_padded_layout_applies_where_the_padded_masks_are_reproducible(model_dir, dropout_model_dir):

@@ -10,9 +10,10 @@ The recipe, identical for every model (no per-model cases):
   padded per batch to the longest sequence (the equivalent of ``DataCollatorWithPadding``) or,
   by default, the same batch *unpadded*: its examples packed into rows of ≤ 128 tokens with
   attention blocked per example (:class:`PackedClassifier`; same logits, loss and gradients up to
-  float summation order, dropout included: its masks are drawn in the padded batch's shape and
-  gathered, :mod:`budgetkd.glue.packed_dropout`, except under CUDA's fused attention kernels;
-  BERT classifiers, others run padded).
+  float summation order, dropout included: the hidden states' masks are drawn in the padded
+  batch's shape and gathered, and attention with dropout runs in the padded layout,
+  :mod:`budgetkd.glue.packed_dropout`, except under CUDA's fused attention kernels; BERT
+  classifiers, others run padded).
 - AdamW (β = (0.9, 0.999), ε = 1e-8, the ``transformers`` defaults), weight decay 0.01 on every
   parameter except biases and normalisation-layer weights; gradient norm clipped to 1.0.
 - Learning rate: linear warm-up over the first ⌈0.06·T⌉ steps to the peak, linear decay to 0 at
@@ -329,13 +330,9 @@ def block_diagonal_mask(segments: torch.Tensor, attn_implementation: str, dtype:
     """The attention mask of packed rows, ``[R, 1, W, W]``: token i may attend to token j of its row
     iff both belong to the same example (``segments`` equal); a row's tail (−1) attends to itself
     only, so no softmax row is empty. Boolean (True = attend) for SDPA, additive (0 / dtype min)
-    for eager attention, which adds the mask to the scores."""
+    for eager attention (:func:`packed_dropout.attention_mask`)."""
     allowed = (segments.unsqueeze(-1) == segments.unsqueeze(-2)).unsqueeze(1)
-    if attn_implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return packed_dropout.attention_mask(allowed, attn_implementation, dtype)
 
 
 def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -356,9 +353,10 @@ class PackedClassifier(torch.nn.Module):
     are masked keys there: they change nothing either). The pooler, dropout and head read each
     example's own [CLS] (``cls_index``), in batch order, so logits are ``[B, C]`` as padded, and
     the loss is the model's own (:func:`sequence_classification_loss`, mean over examples).
-    In training, every dropout mask is the padded batch's, drawn in its shape and gathered
-    (:mod:`budgetkd.glue.packed_dropout`), wherever the padded model's masks are reproducible
-    (CPU; eager attention): the packed run is then the padded run, dropout included."""
+    In training, every dropout mask is the padded batch's: the hidden states' drawn in its shape
+    and gathered, attention run in its layout (:mod:`budgetkd.glue.packed_dropout`), wherever the
+    padded model's masks are reproducible (CPU; eager attention): the packed run is then the
+    padded run, dropout included."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -374,7 +372,7 @@ class PackedClassifier(torch.nn.Module):
         )
         masks = contextlib.nullcontext()
         if model.training and packed_dropout.applies(model, input_ids.device):
-            layout = packed_dropout.PaddedLayout.of_packed(segments, position_ids, cls_index.numel())
+            layout = packed_dropout.PaddedLayout.of_packed(segments, position_ids, cls_index)
             masks = packed_dropout.padded_layout_dropout(model, layout)
         with masks:
             hidden = base(

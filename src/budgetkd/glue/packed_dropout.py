@@ -1,71 +1,121 @@
-"""Dropout masks of a packed batch drawn in the padded batch's layout, so that unpadded fine-tuning
-is the padded run's training, dropout included (SPEC §6: padding is an implementation detail).
+"""Dropout of a packed batch drawn in the padded batch's layout, so that unpadded fine-tuning is
+the padded run's training, dropout included (SPEC §6: padding is an implementation detail).
 
 A dropout mask is a draw from the global generator over a tensor of some shape: the padded batch
 draws ``[B, L, H]`` masks for the hidden states (embeddings, after each attention and each
 feed-forward block) and ``[B, heads, L, L]`` masks for the attention probabilities; the packed
 rows ``[R, W]`` of the same examples are other shapes, so by default they would be other draws,
-and the two runs would differ as much as two seeds do. Here every site of a packed forward draws
-the padded shape's mask instead, from the same generator, in the padded model's order, and
-*gathers* it: the token at packed position (r, w), example b at position t of that example, takes
-the mask entries of padded position (b, t), and its attention probability towards the token of
-example b at position t' takes entry (b, h, t, t'). Every real token then sees exactly the
-padded run's mask entries; what the padded run draws for pad positions is drawn and discarded.
+and the two runs would differ as much as two seeds do. Here, during one packed training forward:
 
-Cost: the random draws of the padded batch (the packed run's other work stays unpadded), and the
-attention of training steps runs as matrix products, softmax and the gathered mask — what
-scaled-dot-product attention with dropout already runs on CPU (its math path).
+- every hidden-state dropout draws the padded ``[B, L, H]`` mask (same generator, same order) and
+  *gathers* it: the token at packed position (r, w), example b's position t, takes the mask row
+  of padded position (b, t) (:class:`LayoutDropout`);
+- attention runs in the padded layout: queries, keys and values are gathered into ``[B, heads,
+  L, d]``, the model's own attention function (SDPA or eager, with its dropout) runs on them with
+  the padded batch's key mask, and the output is gathered back to the packed rows
+  (:func:`padded_layout_attention`). Its probabilities, their dropout mask and its draw are the
+  padded run's, bit for bit.
+
+Every real token then sees exactly the padded run's mask entries; what the padded run draws for
+pad positions is drawn and discarded. Cost: the padded batch's random draws and attention (what
+the padded run pays for them), two row gathers per layer; the linear layers, embeddings, layer
+norms and the feed-forward blocks (most of a step) stay unpadded.
 
 Where the padded model's masks come from a fused kernel with its own random stream — CUDA
-scaled-dot-product attention (flash / memory-efficient) — no other layout can reproduce them, and
+scaled-dot-product attention (flash / memory-efficient) — nothing gains by the padded layout, and
 the packed batch keeps its own draws (:func:`applies`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "budgetkd_padded_layout"  # registered in transformers' AttentionInterface
+# The packed forward in progress (set by padded_layout_dropout): its layout, and the model's own
+# attention implementation and function; a context variable, so threads never see each other's.
+_CURRENT: ContextVar[tuple[PaddedLayout, str, Callable] | None] = ContextVar("padded_layout", default=None)
+
+
+def attention_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` (True = may attend) as the attention function wants it: boolean for SDPA,
+    additive (0 / dtype min) for eager attention, which adds the mask to the scores."""
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 @dataclass(frozen=True)
 class PaddedLayout:
-    """Where each token of packed rows sits in the right-padded ``[B, L]`` batch of the same
-    examples (``L`` = the longest example, as :meth:`EncodedSplit.collate` pads).
+    """Where each token of packed rows ``[R, W]`` sits in the right-padded ``[B, L]`` batch of the
+    same examples (``L`` = the longest example, as :meth:`EncodedSplit.collate` pads), as flat
+    indices for ``index_select``:
 
-    ``example`` / ``position`` are ``[R, W]``: the token's example (0 on a row's tail, whose values
-    no real token reads) and its position in that example."""
+    - ``to_packed`` ``[R·W]``: the padded position ``b·L + t`` of each packed token (a row's tail
+      takes 0: no real token reads a tail);
+    - ``to_padded`` ``[B·L]``: the packed position of each padded one (a pad position takes its
+      example's first token: a pad is a masked key, and its query's output is never gathered back);
+    - ``valid`` ``[B, L]``: ``t < len(b)``, the padded batch's attention mask."""
 
+    rows: int
+    width: int
     batch: int
     length: int
-    example: torch.Tensor
-    position: torch.Tensor
+    to_packed: torch.Tensor
+    to_padded: torch.Tensor
+    valid: torch.Tensor
 
     @classmethod
-    def of_packed(cls, segments: torch.Tensor, position_ids: torch.Tensor, batch: int) -> PaddedLayout:
-        """From :meth:`EncodedSplit.pack`'s ``segments`` (−1 on tails) and ``position_ids``."""
-        return cls(batch, int(position_ids.max()) + 1, segments.clamp(min=0), position_ids)
+    def of_packed(
+        cls, segments: torch.Tensor, position_ids: torch.Tensor, cls_index: torch.Tensor
+    ) -> PaddedLayout:
+        """From :meth:`EncodedSplit.pack`'s ``segments`` (−1 on tails), ``position_ids`` and
+        ``cls_index`` (example b's first token, flat)."""
+        rows, width = segments.shape
+        batch = cls_index.numel()
+        real = segments.flatten() >= 0
+        example, position = segments.flatten().clamp(min=0), position_ids.flatten()
+        lengths = torch.bincount(example[real], minlength=batch)
+        length = int(lengths.max())
+        to_packed = torch.where(real, example * length + position, 0)
+        to_padded = cls_index.repeat_interleave(length)
+        to_padded[to_packed[real]] = torch.arange(rows * width, device=segments.device)[real]
+        valid = torch.arange(length, device=segments.device) < lengths[:, None]
+        return cls(rows, width, batch, length, to_packed, to_padded, valid)
 
     def hidden_noise(self, p: float, like: torch.Tensor) -> torch.Tensor:
         """``dropout(ones[B, L, H])`` — the padded batch's mask scaled by 1/(1−p), exactly what
         ``F.dropout`` multiplies the padded hidden states by — gathered to ``[R, W, H]``."""
-        noise = F.dropout(like.new_ones(self.batch, self.length, like.shape[-1]), p, True)
-        return noise[self.example, self.position]
+        hidden = like.shape[-1]
+        noise = F.dropout(like.new_ones(self.batch * self.length, hidden), p, True)
+        return noise.index_select(0, self.to_packed).view(self.rows, self.width, hidden)
 
-    def attention_noise(self, p: float, like: torch.Tensor) -> torch.Tensor:
-        """The padded ``[B, heads, L, L]`` attention-probability mask (scaled), gathered to the
-        packed ``[R, heads, W, W]``: entry (r, h, w, w') = padded (b(w), h, t(w), t(w')). Pairs of
-        two examples get some entry: their probability is 0, the entry multiplies nothing."""
-        heads = like.shape[1]
-        noise = F.dropout(like.new_ones(self.batch, heads, self.length, self.length), p, True)
-        rows = self.example[:, :, None]
-        queries, keys = self.position[:, :, None], self.position[:, None, :]
-        return noise[rows, :, queries, keys].permute(0, 3, 1, 2)  # [R, W, W, h] -> [R, h, W, W]
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed ``[R, heads, W, d]`` (as attention receives them) → padded ``[B, heads, L, d]``,
+        with the strides the padded model's own projections give."""
+        heads, dim = x.shape[1], x.shape[3]
+        flat = x.transpose(1, 2).reshape(self.rows * self.width, heads, dim)
+        return flat.index_select(0, self.to_padded).view(self.batch, self.length, heads, dim).transpose(1, 2)
+
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output, padded ``[B, L, heads, d]`` → packed ``[R, W, heads, d]``."""
+        flat = x.reshape(self.batch * self.length, *x.shape[2:])
+        return flat.index_select(0, self.to_packed).view(self.rows, self.width, *x.shape[2:])
+
+    def key_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The padded batch's ``[B, 1, L, L]`` mask as its model builds it (None without padding,
+        as transformers skips an all-ones mask)."""
+        if bool(self.valid.all()):
+            return None
+        allowed = self.valid[:, None, None, :].expand(self.batch, 1, self.length, self.length)
+        return attention_mask(allowed, attn_implementation, dtype)
 
 
 class LayoutDropout(torch.nn.Module):
@@ -88,33 +138,35 @@ def padded_layout_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
 ):
-    """Attention of packed rows with the padded layout's dropout mask:
-    ``softmax(q·kᵀ·s + mask) ⊙ noise · v`` (``mask`` boolean as for SDPA, or additive as for eager;
-    ``noise`` from :meth:`PaddedLayout.attention_noise`, the layout carried by ``module.dropout``).
-    Returns ``(output [R, W, heads, d], None)``, transformers' attention-interface contract."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * (
-        query.size(-1) ** -0.5 if scaling is None else scaling
-    )
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1)
-    layout = getattr(module.dropout, "layout", None)
-    if dropout > 0 and layout is not None:
-        probs = probs * layout.attention_noise(dropout, probs)
-    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), None
+    """Attention of packed rows computed in the padded layout: the model's own attention function
+    on ``layout.padded(q, k, v)`` with the padded key mask and ``dropout``, gathered back. Without
+    attention dropout there is nothing to reproduce: the packed rows run as they are, with their
+    block-diagonal ``attention_mask``. Returns ``(output [R, W, heads, d], None)``, transformers'
+    attention-interface contract."""
+    layout, implementation, attend = _CURRENT.get()
+    if dropout == 0:
+        return attend(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    mask = layout.key_mask(implementation, query.dtype)
+    padded = [layout.padded(x) for x in (query, key, value)]
+    output, _ = attend(module, *padded, mask, dropout=dropout, **kwargs)
+    return layout.packed(output), None
 
 
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, padded_layout_attention)
+
+
+def _attention_function(implementation: str) -> Callable:
+    """What ``BertSelfAttention`` would call for ``implementation``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 def applies(model: torch.nn.Module, device: torch.device) -> bool:
@@ -131,29 +183,26 @@ def applies(model: torch.nn.Module, device: torch.device) -> bool:
 
 
 def _sites(bert: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """The encoder's dropout modules, as (owner, attribute): embeddings, and per layer the
-    attention probabilities, the attention output and the feed-forward output."""
+    """The encoder's hidden-state dropout modules, as (owner, attribute): embeddings, and per
+    layer the attention output and the feed-forward output."""
     sites = [(bert.embeddings, "dropout")]
     for layer in bert.encoder.layer:
-        sites += [
-            (layer.attention.self, "dropout"),
-            (layer.attention.output, "dropout"),
-            (layer.output, "dropout"),
-        ]
+        sites += [(layer.attention.output, "dropout"), (layer.output, "dropout")]
     return sites
 
 
 @contextlib.contextmanager
 def padded_layout_dropout(model: torch.nn.Module, layout: PaddedLayout) -> Iterator[None]:
     """For one forward of ``model`` (a ``BertForSequenceClassification``) on packed rows: every
-    encoder dropout draws ``layout``'s padded mask (:class:`LayoutDropout`, and
-    :func:`padded_layout_attention` as the attention implementation); restored on exit. The
+    hidden-state dropout draws ``layout``'s padded mask (:class:`LayoutDropout`), and attention
+    runs in the padded layout (:func:`padded_layout_attention`); restored on exit. The
     classifier's own dropout acts on ``[B, H]`` in both layouts and is left as it is."""
     _register()
     config = model.config
     sites = _sites(model.bert)
     originals = [getattr(owner, name) for owner, name in sites]
     implementation = config._attn_implementation
+    token = _CURRENT.set((layout, implementation, _attention_function(implementation)))
     try:
         for (owner, name), module in zip(sites, originals):
             replacement = LayoutDropout(module.p, layout)
@@ -163,5 +212,6 @@ def padded_layout_dropout(model: torch.nn.Module, layout: PaddedLayout) -> Itera
         yield
     finally:
         config._attn_implementation = implementation
+        _CURRENT.reset(token)
         for (owner, name), module in zip(sites, originals):
             setattr(owner, name, module)
