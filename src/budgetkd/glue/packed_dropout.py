@@ -34,7 +34,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 ATTENTION_NAME = "budgetkd_padded_layout"  # registered in transformers' AttentionInterface
 # The packed forward in progress (set by padded_layout_dropout): its layout, and the model's own
@@ -91,10 +90,12 @@ class PaddedLayout:
         return cls(rows, width, batch, length, to_packed, to_padded, valid)
 
     def hidden_noise(self, p: float, like: torch.Tensor) -> torch.Tensor:
-        """``dropout(ones[B, L, H])`` — the padded batch's mask scaled by 1/(1−p), exactly what
-        ``F.dropout`` multiplies the padded hidden states by — gathered to ``[R, W, H]``."""
+        """The padded batch's ``[B, L, H]`` mask scaled by 1/(1−p), gathered to ``[R, W, H]``.
+        Drawn as ``F.dropout`` draws its noise on CPU (``empty_like(x).bernoulli_(1 − p)
+        .div_(1 − p)``, then ``x · noise``): the same draws, without dropping a tensor of ones
+        (the tests hold it to ``F.dropout``'s mask)."""
         hidden = like.shape[-1]
-        noise = F.dropout(like.new_ones(self.batch * self.length, hidden), p, True)
+        noise = like.new_empty(self.batch * self.length, hidden).bernoulli_(1 - p).div_(1 - p)
         return noise.index_select(0, self.to_packed).view(self.rows, self.width, hidden)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
