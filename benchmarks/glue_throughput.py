@@ -13,7 +13,8 @@ budgetkd_stacked ``budgetkd.glue.stacked.fine_tune_stacked`` padded: ``--configs
                  once, examples/s = configs × examples × epochs / time
 budgetkd_grouped ``fine_tune`` padded with ``group_by_length`` (not the paper recipe; for scale)
 budgetkd_unpadded ``fine_tune`` unpadded (the default): the same batches packed into rows of
-                 ≤ 128 tokens, attention blocked per example
+                 ≤ 128 tokens, attention blocked per example; on CPU with the padded batch's
+                 dropout masks (``budgetkd.glue.packed_dropout``)
 budgetkd_stacked_unpadded ``fine_tune_stacked`` unpadded
 
 Every row trains ``--epochs`` over the same first ``--examples`` training examples (a fixed
