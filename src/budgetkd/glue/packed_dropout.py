@@ -34,6 +34,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 ATTENTION_NAME = "budgetkd_padded_layout"  # registered in transformers' AttentionInterface
 # The packed forward in progress (set by padded_layout_dropout): its layout, and the model's own
@@ -91,11 +92,15 @@ class PaddedLayout:
 
     def hidden_noise(self, p: float, like: torch.Tensor) -> torch.Tensor:
         """The padded batch's ``[B, L, H]`` mask scaled by 1/(1−p), gathered to ``[R, W, H]``.
-        Drawn as ``F.dropout`` draws its noise on CPU (``empty_like(x).bernoulli_(1 − p)
-        .div_(1 − p)``, then ``x · noise``): the same draws, without dropping a tensor of ones
-        (the tests hold it to ``F.dropout``'s mask)."""
+        On CPU drawn as ``F.dropout`` draws its noise there (``empty_like(x).bernoulli_(1 − p)
+        .div_(1 − p)``, then ``x · noise``), without a tensor of ones to drop (the tests hold it to
+        ``F.dropout``'s mask); elsewhere (CUDA's fused dropout kernel, eager attention) as
+        ``F.dropout(ones[B, L, H])``, whose mask is a function of the shape and the generator."""
         hidden = like.shape[-1]
-        noise = like.new_empty(self.batch * self.length, hidden).bernoulli_(1 - p).div_(1 - p)
+        if like.device.type == "cpu":
+            noise = like.new_empty(self.batch * self.length, hidden).bernoulli_(1 - p).div_(1 - p)
+        else:
+            noise = F.dropout(like.new_ones(self.batch, self.length, hidden), p, True).view(-1, hidden)
         return noise.index_select(0, self.to_packed).view(self.rows, self.width, hidden)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
