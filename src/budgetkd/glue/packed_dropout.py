@@ -62,7 +62,8 @@ class PaddedLayout:
       takes 0: no real token reads a tail);
     - ``to_padded`` ``[B·L]``: the packed position of each padded one (a pad position takes its
       example's first token: a pad is a masked key, and its query's output is never gathered back);
-    - ``valid`` ``[B, L]``: ``t < len(b)``, the padded batch's attention mask."""
+    - ``valid`` ``[B, L]``: ``t < len(b)``, the padded batch's attention mask; ``padding``:
+      whether any example is shorter than ``L`` (read once, not once per layer)."""
 
     rows: int
     width: int
@@ -71,6 +72,7 @@ class PaddedLayout:
     to_packed: torch.Tensor
     to_padded: torch.Tensor
     valid: torch.Tensor
+    padding: bool
 
     @classmethod
     def of_packed(
@@ -88,7 +90,8 @@ class PaddedLayout:
         to_padded = cls_index.repeat_interleave(length)
         to_padded[to_packed[real]] = torch.arange(rows * width, device=segments.device)[real]
         valid = torch.arange(length, device=segments.device) < lengths[:, None]
-        return cls(rows, width, batch, length, to_packed, to_padded, valid)
+        padding = bool((lengths < length).any())
+        return cls(rows, width, batch, length, to_packed, to_padded, valid, padding)
 
     def hidden_noise(self, p: float, like: torch.Tensor) -> torch.Tensor:
         """The padded batch's ``[B, L, H]`` mask scaled by 1/(1−p), gathered to ``[R, W, H]``.
@@ -118,7 +121,7 @@ class PaddedLayout:
     def key_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
         """The padded batch's ``[B, 1, L, L]`` mask as its model builds it (None without padding,
         as transformers skips an all-ones mask)."""
-        if bool(self.valid.all()):
+        if not self.padding:
             return None
         allowed = self.valid[:, None, None, :].expand(self.batch, 1, self.length, self.length)
         return attention_mask(allowed, attn_implementation, dtype)
