@@ -13,8 +13,8 @@ and the two runs would differ as much as two seeds do. Here, during one packed t
 - attention runs in the padded layout: queries, keys and values are gathered into ``[B, heads,
   L, d]``, the model's own attention function (SDPA or eager, with its dropout) runs on them with
   the padded batch's key mask, and the output is gathered back to the packed rows
-  (:func:`padded_layout_attention`). Its probabilities, their dropout mask and its draw are the
-  padded run's, bit for bit.
+  (:func:`padded_layout_attention`). Its dropout mask is the padded run's, bit for bit (its
+  probabilities up to the float rounding of the projections, which ran on packed rows).
 
 Every real token then sees exactly the padded run's mask entries; what the padded run draws for
 pad positions is drawn and discarded. Cost: the padded batch's random draws and attention (what
